@@ -1,0 +1,8 @@
+"""mitotype: tell atypical from normal mitotic figures in H&E patches.
+
+Atypical (AMF) is always class 1, the positive class; normal (NMF) is 0.
+"""
+
+__version__ = "0.1.0"
+
+CLASS_NAMES = ("normal", "atypical")

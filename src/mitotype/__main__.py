@@ -1,0 +1,3 @@
+from mitotype.cli import main
+
+main()

@@ -1,0 +1,241 @@
+"""Run configuration: plain dataclasses, loaded from YAML, overridden by ``section.field=value``.
+
+A recipe (``configs/NAME.yaml``) is only a set of overrides of these defaults, so every recipe runs
+through the same code; the resolved config is saved with each run so it can be re-run exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mitotype.errors import MitotypeError
+from mitotype.transforms.augment import AugmentConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+@dataclass
+class DataConfig:
+    patch_size: int = 128  # every patch must have this size, unless size_policy says otherwise
+    size_policy: str = "error"  # error | center-crop | resize: what to do with patches of another size
+    on_bad_image: str = "error"  # error | skip: unreadable / non-RGB images
+    cache_dir: str | None = None  # memory-map decoded images here (None: decode into memory)
+    split_seed: int = 42  # StratifiedGroupKFold seed
+    val_fraction: float = 0.0  # grouped inner validation split for early stopping (0 = none)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "timm"  # model builder in the registry (mitotype.models.registry)
+    backbone: str = "tf_efficientnet_lite0"  # timm model name
+    pretrained: str = "none"  # imagenet-lite0|1|2, hub, file:PATH, none
+    input_size: int = 128  # patches are resized to this inside the model
+    drop_rate: float = 0.2
+    drop_path_rate: float = 0.0
+    freeze_groups: int = 0  # freeze the first N of timm's coarse parameter groups (stem, stages...)
+
+
+@dataclass
+class LossConfig:
+    name: str = "ce"  # ce | focal
+    focal_alpha: float = 0.25  # weight of the atypical (positive) class in focal loss
+    focal_gamma: float = 2.0
+    class_weights: bool = False  # weight cross-entropy by inverse class frequency
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "adamw"  # adamw | adam
+    lr: float = 1e-3
+    backbone_lr_scale: float = 1.0  # backbone lr = lr * this (heads get lr)
+    weight_decay: float = 1e-2
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01  # cosine decays to lr * this
+    sampler: str = "balanced"  # balanced (classes drawn equally often) | shuffle
+    grad_clip: float = 1.0  # max gradient norm (0 = off)
+    patience: int = 0  # early stopping on validation balanced accuracy (0 = off)
+    threshold: float | str = 0.5  # decision threshold, or "auto": best on validation / out-of-fold
+    amp: bool = True  # mixed precision (CUDA only)
+    channels_last: bool = True  # NHWC tensors: faster convolutions on CPU (oneDNN) and GPU
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_batch_size: int = 256
+    keep_epoch_checkpoints: bool = False  # keep every epoch's weights besides the resumable last.pt
+
+
+@dataclass
+class Config:
+    recipe: str = "default"
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check a YAML value against a field's type; ints become floats where floats are expected."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for arg in args:
+            try:
+                return _coerce(value, arg, where)
+            except MitotypeError:
+                continue
+        raise MitotypeError(f"config {where}: {value!r} is not a valid {_type_name(hint)}")
+    if hint is type(None):
+        if value is None:
+            return None
+        raise MitotypeError(f"config {where}: expected null, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or (args and args[-1] is not Ellipsis and len(value) != len(args)):
+            raise MitotypeError(f"config {where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise MitotypeError(f"config {where}: expected {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint).replace("typing.", ""))
+
+
+def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in names:
+            raise MitotypeError(f"{where}: unknown config key '{key}' (known: {', '.join(sorted(names))})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise MitotypeError(f"{where}: '{key}' must be a mapping of its fields")
+            _apply(current, value, f"{where}: {key}")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"{where.split(': ', 1)[-1]}.{key}".lstrip(".")))
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A recipe is a YAML path, or a name in ./configs or the repository's configs/."""
+    candidates = [Path(name_or_path)]
+    if not name_or_path.endswith((".yaml", ".yml")):
+        for root in (Path.cwd() / "configs", CONFIG_DIR):
+            candidates += [root / f"{name_or_path}.yaml", root / "experiments" / f"{name_or_path}.yaml"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    raise MitotypeError(f"recipe '{name_or_path}' not found (known recipes: {', '.join(known) or 'none'})")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise MitotypeError(f"override '{text}' must look like section.field=value, e.g. train.lr=3e-4")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the recipe's YAML, then ``section.field=value`` overrides, each checked."""
+    cfg = Config()
+    if recipe:
+        path = resolve_recipe(recipe)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise MitotypeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise MitotypeError(f"{path}: a config must be a mapping of sections")
+        values.setdefault("recipe", path.stem)
+        _apply(cfg, values, str(path))
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        nested: Any = value
+        for key in reversed(keys):
+            nested = {key: nested}
+        _apply(cfg, nested, f"override '{text}'")
+    validate_config(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    cfg = Config()
+    _apply(cfg, values, "saved config")
+    return cfg
+
+
+_CHOICES = {
+    ("data", "size_policy"): ("error", "center-crop", "resize"),
+    ("data", "on_bad_image"): ("error", "skip"),
+    ("loss", "name"): ("ce", "focal"),
+    ("train", "optimizer"): ("adamw", "adam"),
+    ("train", "sampler"): ("balanced", "shuffle"),
+}
+
+
+def validate_config(cfg: Config) -> None:
+    cfg.augment.__post_init__()  # the augmentation config checks its own ranges
+    for (section, name), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise MitotypeError(f"config {section}.{name}: '{value}' is not one of {', '.join(choices)}")
+    if isinstance(cfg.train.threshold, str) and cfg.train.threshold != "auto":
+        raise MitotypeError(f"config train.threshold: '{cfg.train.threshold}' must be a number in (0, 1) or 'auto'")
+    if isinstance(cfg.train.threshold, float) and not 0 < cfg.train.threshold < 1:
+        raise MitotypeError(f"config train.threshold: {cfg.train.threshold} must be in (0, 1)")
+    for name in ("epochs", "batch_size", "eval_batch_size"):
+        if getattr(cfg.train, name) < 1:
+            raise MitotypeError(f"config train.{name}: must be >= 1")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise MitotypeError("config data.val_fraction: must be in [0, 1)")
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return str(value)
+    return value

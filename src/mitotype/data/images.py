@@ -1,0 +1,177 @@
+"""Decode every patch once into a uint8 array (N, H, W, 3); epochs then gather batches from it.
+
+Decoding PNGs dominates a small CNN's epoch on CPU if done per epoch, so the training loop never
+touches image files. With a cache folder, the array is a memory-mapped ``.npy`` keyed by the
+files' paths, sizes and modification times, so a second run (or the next fold) starts at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mitotype._io import atomic_path, write_json
+from mitotype.errors import MitotypeError
+
+_THREADS = max(1, min(8, os.cpu_count() or 1))
+
+
+class BadImage(MitotypeError):
+    """An image that cannot be used as an 8-bit RGB patch; the message names the file."""
+
+
+def decode_patch(path: str | Path, patch_size: int, size_policy: str = "error") -> np.ndarray:
+    """Read one image as (patch_size, patch_size, 3) uint8 RGB, or raise :class:`BadImage`."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                raise BadImage(f"{path}: {mode} image (16/32-bit); expected 8-bit RGB")
+            if mode in ("L", "LA", "1"):
+                raise BadImage(f"{path}: greyscale image ({mode}); expected 8-bit RGB H&E")
+            if mode == "RGBA":
+                alpha = np.asarray(im.getchannel("A"))
+                if alpha.min() < 255:
+                    raise BadImage(f"{path}: RGBA image with transparent pixels; expected 8-bit RGB")
+            if mode not in ("RGB", "RGBA", "P"):
+                raise BadImage(f"{path}: {mode} image; expected 8-bit RGB")
+            rgb = im.convert("RGB")
+    except BadImage:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise BadImage(f"{path}: cannot decode image ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+    if rgb.size != (patch_size, patch_size):
+        rgb = _fit(rgb, patch_size, size_policy, path)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _fit(im: Image.Image, size: int, policy: str, path: str | Path) -> Image.Image:
+    w, h = im.size
+    if policy == "resize":
+        return im.resize((size, size), Image.BILINEAR)
+    if policy == "center-crop" and w >= size and h >= size:
+        left, top = (w - size) // 2, (h - size) // 2
+        return im.crop((left, top, left + size, top + size))
+    hint = "set data.patch_size, or data.size_policy=center-crop|resize"
+    raise BadImage(f"{path}: image is {w}x{h} px, expected {size}x{size} ({hint})")
+
+
+@dataclass
+class ImageStore:
+    """Decoded patches; ``rows[i]`` is where manifest row i lives in ``array``."""
+
+    array: np.ndarray  # (M, H, W, 3) uint8, in memory or memory-mapped
+    rows: np.ndarray  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, index: np.ndarray | Sequence[int]) -> torch.Tensor:
+        """Gather manifest rows as a (B, H, W, 3) uint8 tensor (a copy, safe to pin or move)."""
+        return torch.from_numpy(np.ascontiguousarray(self.array[self.rows[np.asarray(index)]]))
+
+    def subset(self, index: np.ndarray) -> "ImageStore":
+        return ImageStore(self.array, self.rows[np.asarray(index)])
+
+
+def decode_all(
+    paths: Sequence[str],
+    patch_size: int,
+    size_policy: str = "error",
+    on_bad_image: str = "error",
+    cache_dir: str | Path | None = None,
+    progress: "callable | None" = None,
+) -> tuple[ImageStore, list[str]]:
+    """Decode ``paths`` once (threads overlap PNG decoding), optionally into a memory-mapped cache.
+
+    Returns the store (rows of skipped images point at nothing usable and are reported) and the
+    list of problems; with ``on_bad_image="error"`` the first bad image raises instead.
+    """
+    paths = [str(p) for p in paths]
+    if cache_dir is None:
+        array = np.empty((len(paths), patch_size, patch_size, 3), dtype=np.uint8)
+        ok, bad = _decode_into(array, paths, patch_size, size_policy, on_bad_image, progress)
+    else:
+        out_path = _cache_path(paths, patch_size, size_policy, Path(cache_dir))
+        if not (out_path.is_file() and out_path.with_suffix(".json").is_file()):
+            with atomic_path(out_path) as tmp:  # a crash never leaves a half-written cache behind
+                target = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), patch_size, patch_size, 3))
+                ok, bad = _decode_into(target, paths, patch_size, size_policy, on_bad_image, progress)
+                target.flush()
+                del target
+            write_json(out_path.with_suffix(".json"), {"paths": len(paths), "bad": bad, "ok": ok.tolist()})
+        meta = json.loads(out_path.with_suffix(".json").read_text())
+        array, ok, bad = np.load(out_path, mmap_mode="r"), np.asarray(meta["ok"], dtype=bool), list(meta["bad"])
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unusable image(s): " + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""), stacklevel=2)
+    return ImageStore(array, np.flatnonzero(ok)), bad
+
+
+def _decode_into(
+    array: np.ndarray, paths: Sequence[str], patch_size: int, size_policy: str, on_bad_image: str, progress
+) -> tuple[np.ndarray, list[str]]:
+    ok = np.ones(len(paths), dtype=bool)
+    bad: list[str] = []
+
+    def work(i: int) -> str | None:
+        try:
+            array[i] = decode_patch(paths[i], patch_size, size_policy)
+            return None
+        except BadImage as err:
+            return str(err)
+
+    with ThreadPoolExecutor(_THREADS) as pool:
+        for i, problem in enumerate(pool.map(work, range(len(paths)))):
+            if progress:
+                progress(1)
+            if problem:
+                if on_bad_image == "error":
+                    raise BadImage(problem + " (pass --skip-bad to skip unusable images)")
+                bad.append(problem)
+                ok[i] = False
+    return ok, bad
+
+
+def _cache_key(paths: Sequence[str], patch_size: int, size_policy: str) -> str:
+    digest = hashlib.sha1(f"{patch_size}|{size_policy}".encode())
+    for p in paths:
+        st = os.stat(p) if os.path.exists(p) else None
+        digest.update(f"{p}|{st.st_size if st else -1}|{st.st_mtime_ns if st else -1}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def _cache_path(paths: Sequence[str], patch_size: int, size_policy: str, cache_dir: Path) -> Path:
+    return cache_dir / f"patches-{_cache_key(paths, patch_size, size_policy)}.npy"
+
+
+def iter_batches(
+    paths: Sequence[str], batch_size: int, patch_size: int, size_policy: str = "error", prefetch: int = 2
+) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """Stream (positions, uint8 batch) over any number of images with flat memory: background
+    threads decode the next batches while the caller runs the model on this one."""
+    chunks: Iterable[np.ndarray] = (np.arange(s, min(s + batch_size, len(paths))) for s in range(0, len(paths), batch_size))
+
+    def load(index: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        with ThreadPoolExecutor(_THREADS) as pool:
+            arrays = list(pool.map(lambda i: decode_patch(paths[i], patch_size, size_policy), index))
+        return index, torch.from_numpy(np.stack(arrays))
+
+    with ThreadPoolExecutor(1) as loader:
+        pending = [loader.submit(load, c) for c, _ in zip(chunks, range(prefetch))]
+        while pending:
+            result = pending.pop(0).result()
+            nxt = next(chunks, None)
+            if nxt is not None:
+                pending.append(loader.submit(load, nxt))
+            yield result

@@ -1,0 +1,63 @@
+"""Predict p_atypical for every row of a manifest, streaming: decoding overlaps the model and
+memory stays flat however many patches there are."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mitotype._io import atomic_path
+from mitotype.data.images import iter_batches
+from mitotype.data.manifest import LABEL_NAMES, UNLABELLED
+from mitotype.errors import MitotypeError
+from mitotype.inference.engine import predict_batch, resolve_device
+from mitotype.models.artifact import LoadedModel, load_ensemble
+
+
+def predict_manifest(
+    models: list[LoadedModel],
+    manifest: pd.DataFrame,
+    batch_size: int = 128,
+    tta: bool = False,
+    device: torch.device | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Mean p_atypical of ``models`` (one, or the fold ensemble) for each manifest row."""
+    if not models:
+        raise MitotypeError("no model to predict with")
+    device = device or torch.device("cpu")
+    sizes = {(m.patch_size, m.size_policy) for m in models}
+    if len(sizes) > 1:
+        raise MitotypeError(f"ensemble members expect different patch sizes: {sorted(sizes)}")
+    patch_size, policy = sizes.pop()
+    p = np.empty(len(manifest), dtype=np.float64)
+    nets = [m.model for m in models]
+    for index, batch in iter_batches(manifest["path"].tolist(), batch_size, patch_size, policy):
+        p[index] = predict_batch(nets, batch, device, tta=tta).numpy()
+        if progress:
+            progress(len(index))
+    return p
+
+
+def prediction_table(manifest: pd.DataFrame, p: np.ndarray, threshold: float) -> pd.DataFrame:
+    """``path, p_atypical, label`` (the predicted class name) first, then every input column; a
+    known true label is kept as ``true_label``."""
+    out = pd.DataFrame({"path": manifest["path"], "p_atypical": p, "label": np.where(p >= threshold, LABEL_NAMES[1], LABEL_NAMES[0])})
+    rest = manifest.drop(columns=["path"]).rename(columns={"label": "true_label"})
+    if (rest["true_label"] == UNLABELLED).all():
+        rest = rest.drop(columns=["true_label"])
+    return pd.concat([out, rest.reset_index(drop=True)], axis=1)
+
+
+def write_csv(df: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def load_models(model_path: Path, device: str = "auto") -> tuple[list[LoadedModel], torch.device]:
+    dev = resolve_device(device)
+    return load_ensemble(model_path, dev), dev

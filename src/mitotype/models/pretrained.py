@@ -1,0 +1,100 @@
+"""Where a backbone's starting weights come from: offline packages, a local file, the hub, or none.
+
+Each source also says how its weights expect input to be normalised, so the preprocessing travels
+with the weights into the model card and no caller guesses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from mitotype.errors import MitotypeError
+from mitotype.models.lite_weights import LITE_VARIANTS, load_lite_weights
+
+SOURCES = ("none", "hub", "file:PATH", *LITE_VARIANTS)
+
+
+@dataclass(frozen=True)
+class Normalization:
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def create_backbone(name: str, source: str, **kwargs) -> tuple[nn.Module, Normalization]:
+    """A timm backbone without classifier (``num_classes=0``) and the normalisation its weights expect."""
+    if source not in ("none", "hub") and not source.startswith("file:") and source not in LITE_VARIANTS:
+        raise MitotypeError(f"model.pretrained: '{source}' is not one of {', '.join(SOURCES)}")
+    if source in LITE_VARIANTS and LITE_VARIANTS[source] != name:
+        raise MitotypeError(f"model.pretrained: {source} weights fit backbone {LITE_VARIANTS[source]}, not {name}")
+    try:
+        if source == "hub":
+            backbone = _from_hub(name, **kwargs)
+        else:
+            backbone = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise MitotypeError(f"model.backbone: '{name}' is not a timm model name (see timm.list_models())") from None
+        raise
+    if source in LITE_VARIANTS:
+        load_lite_weights(backbone, source)
+        return backbone, Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    if source.startswith("file:"):
+        load_weights_file(backbone, Path(source[5:]))
+    cfg = backbone.pretrained_cfg
+    return backbone, Normalization(tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225))))
+
+
+def _from_hub(name: str, **kwargs) -> nn.Module:
+    """timm's own download (Hugging Face hub or URL); offline it fails in one line naming the fix."""
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err) or "No pretrained weights" in str(err):
+            raise MitotypeError(f"model.pretrained=hub: timm has no pretrained weights for '{name}'") from None
+        raise MitotypeError(_offline_message(name, err)) from None
+    except (OSError, ValueError, ImportError) as err:  # connection, hub and offline-mode errors
+        raise MitotypeError(_offline_message(name, err)) from None
+
+
+def _offline_message(name: str, err: BaseException) -> str:
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return (
+        f"model.pretrained=hub: could not fetch weights for '{name}' ({type(err).__name__}: {first[:160]}); "
+        "offline, download them elsewhere and use model.pretrained=file:PATH"
+    )
+
+
+def load_weights_file(model: nn.Module, path: Path) -> None:
+    """Load a safetensors or weights-only torch file; classifier tensors that do not fit are skipped."""
+    if not path.is_file():
+        raise MitotypeError(f"model.pretrained=file:{path}: no such file")
+    state = read_state_dict(path)
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in usable and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise MitotypeError(f"{path}: {len(missing)} backbone tensor(s) missing or of another shape, e.g. {missing[0]}")
+    model.load_state_dict(usable, strict=False)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Never unpickle code: safetensors, or torch.load with weights_only=True."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any decoding failure is the file's fault
+        raise MitotypeError(f"{path}: not a readable weights file ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MitotypeError(f"{path}: expected a dict of tensors (a state dict)")
+    return state

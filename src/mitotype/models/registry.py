@@ -1,0 +1,118 @@
+"""Named model builders on top of timm, and the model contract every recipe keeps.
+
+Contract: a model takes a batch dict (``image``: float RGB in [0, 1] at the patch size, (B,3,H,W);
+later recipes add views such as HED channels or a centre crop) and returns a dict of named logits.
+``p_atypical`` says how those outputs reduce to one probability, so evaluation and prediction never
+need to know which heads a recipe has. Resizing and normalisation live inside the model, so a
+saved model needs nothing but uint8 patches and cannot be fed with the wrong statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mitotype.config import ModelConfig
+from mitotype.errors import MitotypeError
+from mitotype.models.pretrained import Normalization, create_backbone
+
+
+@dataclass(frozen=True)
+class Head:
+    """A named output: ``num_classes`` logits trained against manifest column ``target``."""
+
+    name: str
+    target: str = "label"
+    num_classes: int = 2
+
+
+class MitotypeModel(nn.Module):
+    def __init__(self, backbone: nn.Module, heads: list[Head], norm: Normalization, input_size: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.backbone = backbone
+        self.head_specs = {h.name: h for h in heads}
+        self.heads = nn.ModuleDict({h.name: nn.Linear(backbone.num_features, h.num_classes) for h in heads})
+        self.dropout = nn.Dropout(drop_rate)
+        self.input_size = input_size
+        self.register_buffer("mean", torch.tensor(norm.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(norm.std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = batch["image"]
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        x = (x - self.mean) / self.std
+        features = self.dropout(self.backbone(x))
+        return {name: head(features) for name, head in self.heads.items()}
+
+    def set_normalization(self, norm: Normalization) -> None:
+        """Restore the statistics a saved model was trained with (they live in its card)."""
+        self.mean.copy_(torch.tensor(norm.mean).view(1, 3, 1, 1))
+        self.std.copy_(torch.tensor(norm.std).view(1, 3, 1, 1))
+
+    def normalization(self) -> Normalization:
+        return Normalization(tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist()))
+
+    def p_atypical(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Probability of the positive class (atypical = index 1) from the ``label`` head."""
+        return outputs["label"].float().softmax(dim=1)[:, 1]
+
+
+ModelBuilder = Callable[[ModelConfig, bool], MitotypeModel]
+_BUILDERS: dict[str, ModelBuilder] = {}
+
+
+def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Add a builder to the registry under ``name`` (the ``model.arch`` of a config)."""
+
+    def add(fn: ModelBuilder) -> ModelBuilder:
+        if name in _BUILDERS:
+            raise ValueError(f"model builder '{name}' registered twice")
+        _BUILDERS[name] = fn
+        return fn
+
+    return add
+
+
+def list_models() -> list[str]:
+    return sorted(_BUILDERS)
+
+
+def create_model(cfg: ModelConfig, pretrained: bool = True) -> MitotypeModel:
+    """Build ``cfg.arch``; with ``pretrained=False`` skip the starting weights (a checkpoint follows)."""
+    if cfg.arch not in _BUILDERS:
+        raise MitotypeError(f"model.arch: '{cfg.arch}' is not a registered model (known: {', '.join(list_models())})")
+    return _BUILDERS[cfg.arch](cfg, pretrained)
+
+
+@register_model("timm")
+def timm_classifier(cfg: ModelConfig, pretrained: bool = True) -> MitotypeModel:
+    """Any timm backbone, pooled features, dropout, one two-class head."""
+    source = cfg.pretrained if pretrained else "none"
+    kwargs = {"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate else {}
+    backbone, norm = create_backbone(cfg.backbone, source, **kwargs)
+    freeze_leading_groups(backbone, cfg.freeze_groups)
+    return MitotypeModel(backbone, [Head("label")], norm, cfg.input_size, cfg.drop_rate)
+
+
+def freeze_leading_groups(backbone: nn.Module, n: int) -> None:
+    """Stop gradients in the first ``n`` coarse parameter groups (timm's stem, then stages).
+
+    The earliest layers hold generic edge/colour filters and run at the highest resolution, so
+    freezing them halves a CPU training step at little cost in accuracy.
+    """
+    if n <= 0:
+        return
+    if not hasattr(backbone, "group_matcher"):
+        raise MitotypeError(f"model.freeze_groups: {type(backbone).__name__} has no timm group_matcher; use 0")
+    from timm.models import group_parameters
+
+    groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+    frozen = {name for gid, names in groups.items() if gid < n for name in names}
+    for name, param in backbone.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)

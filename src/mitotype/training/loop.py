@@ -1,0 +1,258 @@
+"""The one training loop. Every recipe runs through ``fit``; a recipe changes configuration, never this.
+
+Read top to bottom: build model, optimiser and schedule; maybe resume; then per epoch draw the
+order, gather uint8 batches from the decoded cache, augment on the device, forward, loss, backward,
+clip, step, schedule; validate; checkpoint. The best (or last) weights become the model artifact.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from mitotype._io import atomic_path, write_text
+from mitotype.config import Config, dump_config
+from mitotype.data.images import ImageStore
+from mitotype.evaluation.metrics import best_threshold, binary_metrics
+from mitotype.inference.engine import predict_batch, resolve_device, to_input
+from mitotype.models.artifact import CARD_NAME, save_model
+from mitotype.models.registry import MitotypeModel, create_model
+from mitotype.training.checkpoint import load_checkpoint, save_checkpoint
+from mitotype.training.losses import HeadLoss
+from mitotype.training.schedule import warmup_cosine
+from mitotype.transforms.augment import BatchAugment
+
+console = Console(stderr=True)
+
+
+@dataclass
+class FitResult:
+    model: MitotypeModel
+    history: list[dict[str, Any]]
+    threshold: float
+    val_predictions: pd.DataFrame | None
+    seconds: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def epoch_order(labels: np.ndarray, sampler: str, generator: torch.Generator) -> np.ndarray:
+    """Positions for one epoch. ``balanced`` draws each class equally often (with replacement), so
+    the rare atypical class is seen as often as the normal one without a weighted loss."""
+    if sampler == "balanced":
+        counts = np.bincount(labels, minlength=2).astype(np.float64)
+        weights = torch.from_numpy(1.0 / counts[labels])
+        return torch.multinomial(weights, len(labels), replacement=True, generator=generator).numpy()
+    return torch.randperm(len(labels), generator=generator).numpy()
+
+
+def build_optimizer(model: MitotypeModel, cfg: Config) -> torch.optim.Optimizer:
+    """Two parameter groups so the pretrained backbone can learn slower than the fresh heads."""
+    t = cfg.train
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in trainable if n.startswith("backbone.")], "lr": t.lr * t.backbone_lr_scale},
+        {"params": [p for n, p in trainable if not n.startswith("backbone.")], "lr": t.lr},
+    ]
+    if t.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+
+
+@torch.no_grad()
+def predict_rows(
+    models: list[MitotypeModel], store: ImageStore, index: np.ndarray, device: torch.device, batch_size: int, tta: bool = False, amp: bool = False
+) -> np.ndarray:
+    """p_atypical for manifest positions ``index`` of a decoded store."""
+    for m in models:
+        m.eval()
+    out = [predict_batch(models, store.batch(index[s : s + batch_size]), device, tta, amp) for s in range(0, len(index), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def fit(
+    cfg: Config,
+    manifest: pd.DataFrame,
+    store: ImageStore,
+    run_dir: Path,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray | None = None,
+    resume: bool = False,
+    stop_after_epoch: int | None = None,
+    show_progress: bool = True,
+) -> FitResult:
+    """Train one model on manifest rows ``train_idx``; validate on ``val_idx`` when given.
+
+    ``stop_after_epoch`` ends the process's work early (as an interruption would), leaving a
+    checkpoint that ``resume=True`` continues from: used by the resume test.
+    """
+    t, run_dir = cfg.train, Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", dump_config(cfg))
+    device = resolve_device(t.device)
+    on_cuda = device.type == "cuda"
+    seed_everything(t.seed)
+    if not on_cuda:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    labels = manifest["label"].to_numpy()
+    train_labels = labels[train_idx]
+    model = create_model(cfg.model).to(device)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    steps_per_epoch = math.ceil(len(train_idx) / t.batch_size)
+    scheduler = warmup_cosine(optimizer, round(t.warmup_epochs * steps_per_epoch), t.epochs * steps_per_epoch, t.min_lr_ratio)
+    augment = BatchAugment(cfg.augment).to(device)
+    class_counts = torch.bincount(torch.from_numpy(train_labels), minlength=2).float()
+    criterion = HeadLoss(cfg.loss, model.head_specs, class_counts).to(device)
+    sample_gen = torch.Generator().manual_seed(t.seed + 1)
+    augment_gen = torch.Generator().manual_seed(t.seed + 2)
+    targets_all = {col: torch.as_tensor(manifest[col].to_numpy().astype(np.int64)) for col in {h.target for h in model.head_specs.values()}}
+
+    start_epoch, history = 0, []
+    best = {"score": -1.0, "epoch": -1, "bad_epochs": 0}
+    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    if resume and ckpt_path.is_file():
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        sample_gen.set_state(state["rng"]["sampler"])
+        augment_gen.set_state(state["rng"]["augment"])
+        start_epoch, history, best = state["epoch"], state["history"], state["best"]
+        console.log(f"resumed {run_dir} at epoch {start_epoch}/{t.epochs}")
+    best_state = _load_best(run_dir) if best["epoch"] >= 0 else None
+
+    started = time.perf_counter()
+    progress = _progress(show_progress)
+    with progress:
+        for epoch in range(start_epoch, t.epochs):
+            if best["bad_epochs"] >= t.patience > 0:
+                break
+            model.train()
+            order = train_idx[epoch_order(train_labels, t.sampler, sample_gen)]
+            task = progress.add_task(f"epoch {epoch + 1}/{t.epochs}", total=steps_per_epoch, loss="")
+            tic, loss_sum = time.perf_counter(), torch.zeros((), device=device)
+            for step in range(steps_per_epoch):
+                rows = order[step * t.batch_size : (step + 1) * t.batch_size]
+                x = augment(to_input(store.batch(rows), device), augment_gen)
+                if t.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                targets = {col: v[rows].to(device, non_blocking=True) for col, v in targets_all.items()}
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.amp and on_cuda):
+                    outputs = model({"image": x})
+                loss = criterion(outputs, targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if t.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                loss_sum += loss.detach()
+                if step % 10 == 0 or step == steps_per_epoch - 1:
+                    progress.update(task, completed=step + 1, loss=f"loss {loss_sum.item() / (step + 1):.4f}")
+            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch, "lr": optimizer.param_groups[1]["lr"], "train_seconds": time.perf_counter() - tic}
+            if val_idx is not None and len(val_idx):
+                p = predict_rows([model], store, val_idx, device, t.eval_batch_size, amp=t.amp)
+                metrics = binary_metrics(labels[val_idx], p, 0.5 if t.threshold == "auto" else float(t.threshold))
+                record.update({f"val_{k}": metrics[k] for k in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")})
+                if metrics["balanced_accuracy"] > best["score"]:
+                    best = {"score": metrics["balanced_accuracy"], "epoch": epoch + 1, "bad_epochs": 0}
+                    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                    _save_best(run_dir, best_state)
+                else:
+                    best["bad_epochs"] += 1
+            history.append(record)
+            progress.update(task, description=f"epoch {epoch + 1}/{t.epochs}", loss=_describe(record))
+            save_checkpoint(ckpt_path, {
+                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "best": best, "history": history,
+                "rng": {"torch": torch.get_rng_state(), "sampler": sample_gen.get_state(), "augment": augment_gen.get_state()},
+            })
+            if t.keep_epoch_checkpoints:
+                _save_weights(run_dir / "checkpoints" / f"epoch_{epoch + 1:03d}.safetensors", model.state_dict())
+            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < t.epochs:
+                raise Interrupted(f"stopped after epoch {epoch + 1} as asked")
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
+    return _finish(cfg, manifest, store, run_dir, model, history, train_idx, val_idx, device, time.perf_counter() - started)
+
+
+class Interrupted(RuntimeError):
+    """Raised by ``stop_after_epoch``: the run stopped on purpose and can be resumed."""
+
+
+def _finish(cfg, manifest, store, run_dir, model, history, train_idx, val_idx, device, seconds) -> FitResult:
+    """Pick the threshold, score the validation rows and write the model artifact."""
+    t = cfg.train
+    val_predictions, val_metrics = None, {}
+    threshold = 0.5 if t.threshold == "auto" else float(t.threshold)
+    if val_idx is not None and len(val_idx):
+        p = predict_rows([model], store, val_idx, device, t.eval_batch_size, amp=t.amp)
+        y = manifest["label"].to_numpy()[val_idx]
+        if t.threshold == "auto":
+            threshold = best_threshold(y, p)
+        val_metrics = binary_metrics(y, p, threshold)
+        val_predictions = manifest.iloc[val_idx].assign(p_atypical=p)
+    train_rows = manifest.iloc[train_idx]
+    trained_on = {
+        "n": int(len(train_rows)), "n_atypical": int((train_rows["label"] == 1).sum()),
+        "groups": int(train_rows["group"].nunique()), "domains": sorted(d for d in train_rows["domain"].unique() if d),
+        "epochs": len(history),
+    }
+    save_model(model, cfg, run_dir, threshold, trained_on, {"validation": val_metrics} if val_metrics else {})
+    return FitResult(model, history, threshold, val_predictions, seconds)
+
+
+def is_complete(run_dir: Path) -> bool:
+    return (Path(run_dir) / CARD_NAME).is_file()
+
+
+def _describe(record: dict[str, Any]) -> str:
+    text = f"loss {record['train_loss']:.4f}"
+    if "val_balanced_accuracy" in record:
+        text += f" · val BA {record['val_balanced_accuracy']:.3f} · AUROC {record['val_roc_auc'] or float('nan'):.3f}"
+    return text
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled, transient=False,
+    )
+
+
+def _save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+
+
+def _save_best(run_dir: Path, state: dict[str, torch.Tensor]) -> None:
+    _save_weights(run_dir / "checkpoints" / "best.safetensors", state)
+
+
+def _load_best(run_dir: Path) -> dict[str, torch.Tensor] | None:
+    from safetensors.torch import load_file
+
+    path = run_dir / "checkpoints" / "best.safetensors"
+    return load_file(str(path)) if path.is_file() else None

@@ -1,0 +1,151 @@
+"""Run directories: ``train`` (one model) and ``cv`` (K grouped folds) on top of the one loop.
+
+A run directory is the unit of reuse: ``config.yaml``, ``manifest.csv``, per-model checkpoints,
+``history.csv``, the model artifact (``model.safetensors`` + ``model.json``), predictions and a
+``summary.json``. A cross-validation run holds ``fold_0/ .. fold_{K-1}/`` (each a train run),
+``splits.csv``, ``oof_predictions.csv`` and the out-of-fold evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mitotype._io import atomic_path, write_json, write_text
+from mitotype.config import Config, dump_config
+from mitotype.data.images import ImageStore, decode_all
+from mitotype.data.manifest import require_labels
+from mitotype.data.readers import read_dataset
+from mitotype.data.splits import grouped_folds, read_split_file, train_val_split
+from mitotype.errors import MitotypeError
+from mitotype.evaluation.metrics import METRIC_NAMES, best_threshold, binary_metrics, summarize_folds
+from mitotype.evaluation.report import write_evaluation
+from mitotype.inference.engine import resolve_device
+from mitotype.models.artifact import load_model
+from mitotype.training.loop import console, fit, is_complete, predict_rows
+
+
+@dataclass
+class Dataset:
+    """A manifest and its decoded patches, row for row."""
+
+    manifest: pd.DataFrame
+    store: ImageStore
+    problems: list[str]
+
+
+def load_dataset(path: str | Path, cfg: Config, skip_missing: bool = False, require_labelled: bool = True) -> Dataset:
+    """Read, check and decode a dataset once; unusable images are an error, or skipped if asked."""
+    read = read_dataset(path, require_labels=require_labelled, skip_missing=skip_missing)
+    if require_labelled:
+        require_labels(read.manifest, str(path))
+    store, bad = decode_all(read.manifest["path"].tolist(), cfg.data.patch_size, cfg.data.size_policy, cfg.data.on_bad_image, cfg.data.cache_dir)
+    manifest = read.manifest.iloc[store.rows].reset_index(drop=True)
+    if require_labelled and bad:
+        require_labels(manifest, f"{path} (after skipping {len(bad)} bad image(s))")
+    return Dataset(manifest, store, read.problems + bad)
+
+
+def _prepare_dir(out: Path, resume: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise MitotypeError(f"{out}: run directory exists and is not empty; pass --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_manifest(df: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def train(cfg: Config, data: Dataset, out: Path, resume: bool = False, val: Dataset | None = None, **fit_kwargs) -> dict:
+    """One model. Validation rows: a separate dataset, the manifest's ``val`` split, or a grouped
+    hold-out of ``data.val_fraction``; none if none of these is given."""
+    _prepare_dir(out, resume)
+    manifest, store = data.manifest, data.store
+    if val is not None:
+        manifest = pd.concat([manifest, val.manifest], ignore_index=True)
+        store = ImageStore(np.concatenate([np.asarray(data.store.array[data.store.rows]), np.asarray(val.store.array[val.store.rows])]), np.arange(len(manifest)))
+        train_idx, val_idx = np.arange(len(data.manifest)), np.arange(len(data.manifest), len(manifest))
+    elif (manifest["split"] == "val").any():
+        train_idx, val_idx = np.flatnonzero(manifest["split"] == "train"), np.flatnonzero(manifest["split"] == "val")
+    elif cfg.data.val_fraction > 0:
+        train_idx, val_idx = train_val_split(manifest, cfg.data.val_fraction, cfg.data.split_seed)
+    else:
+        train_idx, val_idx = np.arange(len(manifest)), None
+    require_labels(manifest.iloc[train_idx], "training rows")
+    _write_manifest(manifest, out / "manifest.csv")
+    result = fit(cfg, manifest, store, out, train_idx, val_idx, resume=resume, **fit_kwargs)
+    summary = {"recipe": cfg.recipe, "seconds": round(result.seconds, 1), "epochs": len(result.history), "threshold": result.threshold}
+    if result.val_predictions is not None:
+        _write_manifest(result.val_predictions, out / "val_predictions.csv")
+        summary["validation"] = binary_metrics(result.val_predictions["label"].to_numpy(), result.val_predictions["p_atypical"].to_numpy(), result.threshold)
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def cross_validate(
+    cfg: Config, data: Dataset, folds: int, out: Path, resume: bool = False, split_file: Path | None = None, n_boot: int = 1000, **fit_kwargs
+) -> dict:
+    """K grouped folds: K models, out-of-fold predictions, per-fold and mean ± sd metrics."""
+    _prepare_dir(out, resume)
+    started = time.perf_counter()
+    manifest, store = data.manifest, data.store
+    fold_of = read_split_file(split_file, manifest) if split_file else grouped_folds(manifest, folds, cfg.data.split_seed)
+    k = int(fold_of.max()) + 1
+    write_text(out / "config.yaml", dump_config(cfg))
+    _write_manifest(manifest.assign(fold=fold_of), out / "splits.csv")
+    device = resolve_device(cfg.train.device)
+    p_oof = np.full(len(manifest), np.nan)
+    fold_metrics, thresholds, fold_seconds = [], [], []
+    for fold in range(k):
+        fold_dir = out / f"fold_{fold}"
+        train_idx, test_idx = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
+        tic = time.perf_counter()
+        if resume and is_complete(fold_dir):
+            console.log(f"fold {fold}: complete, reusing {fold_dir}")
+            loaded = load_model(fold_dir, device)
+            model, threshold = loaded.model, loaded.threshold
+        else:
+            console.log(f"fold {fold + 1}/{k}: {len(train_idx)} train / {len(test_idx)} held-out patches")
+            val_idx = None
+            if cfg.data.val_fraction > 0:  # early stopping on an inner split, never on the held-out fold
+                inner_train, inner_val = train_val_split(manifest.iloc[train_idx].reset_index(drop=True), cfg.data.val_fraction, cfg.data.split_seed)
+                train_idx, val_idx = train_idx[inner_train], train_idx[inner_val]
+            result = fit(cfg, manifest, store, fold_dir, train_idx, val_idx, resume=resume, **fit_kwargs)
+            model, threshold = result.model, result.threshold
+        p = predict_rows([model], store, test_idx, device, cfg.train.eval_batch_size, amp=cfg.train.amp)
+        p_oof[test_idx] = p
+        metrics = binary_metrics(manifest["label"].to_numpy()[test_idx], p, threshold)
+        fold_metrics.append(metrics)
+        thresholds.append(threshold)
+        fold_seconds.append(round(time.perf_counter() - tic, 1))
+        console.log(f"fold {fold}: balanced accuracy {metrics['balanced_accuracy']:.3f} · AUROC {metrics['roc_auc'] or float('nan'):.3f}")
+
+    oof = manifest.assign(fold=fold_of, p_atypical=p_oof)
+    _write_manifest(oof, out / "oof_predictions.csv")
+    oof_threshold = float(np.mean(thresholds))
+    pooled = write_evaluation(oof[["label", "p_atypical", "domain"]], out / "oof", threshold=oof_threshold, n_boot=n_boot, title=f"{cfg.recipe}: out-of-fold")
+    y = oof["label"].to_numpy()
+    tuned = best_threshold(y, p_oof)
+    summary = {
+        "recipe": cfg.recipe,
+        "folds": k,
+        "n": int(len(manifest)),
+        "n_atypical": int((y == 1).sum()),
+        "groups": int(manifest["group"].nunique()),
+        "split_seed": cfg.data.split_seed,
+        "mean": {m: v["mean"] for m, v in summarize_folds(fold_metrics).items()},
+        "sd": {m: v["sd"] for m, v in summarize_folds(fold_metrics).items()},
+        "per_fold": [{"fold": i, "threshold": thresholds[i], "seconds": fold_seconds[i], **{m: fold_metrics[i][m] for m in METRIC_NAMES}, "n": fold_metrics[i]["n"]} for i in range(k)],
+        "out_of_fold": {m: pooled[m] for m in (*METRIC_NAMES, "threshold")},
+        "out_of_fold_ci95": pooled.get("ci95", {}),
+        "out_of_fold_best_threshold": {"threshold": tuned, **{m: binary_metrics(y, p_oof, tuned)[m] for m in METRIC_NAMES}},
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "device": str(device),
+    }
+    write_json(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,76 @@
+"""Synthetic datasets in each published layout, made fresh per test; no real images are committed.
+
+Atypical patches carry a dark off-centre blob, normal ones a centred one, so a tiny model can
+learn something in a few steps; slides (groups) and domains are assigned so grouped splits matter.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download weights
+
+PATCH = 32
+TINY = [
+    "model.backbone=test_efficientnet",
+    "model.pretrained=none",
+    f"model.input_size={PATCH}",
+    f"data.patch_size={PATCH}",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "train.eval_batch_size=32",
+    "augment.rotate_degrees=5",
+    "augment.hed_sigma=0.05",
+]
+
+
+def make_patch(rng: np.random.Generator, atypical: bool, size: int = PATCH) -> np.ndarray:
+    img = np.full((size, size, 3), (235, 200, 220), dtype=np.float64)
+    img += rng.normal(0, 12, img.shape)
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = (size * 0.35, size * 0.6) if atypical else (size / 2, size / 2)
+    blob = ((yy - cy) ** 2 + (xx - cx) ** 2) < (size * 0.15) ** 2
+    img[blob] = (70, 40, 110) + rng.normal(0, 8, (int(blob.sum()), 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_class_folders(root: Path, n_atypical: int = 12, n_normal: int = 28, n_slides: int = 10, seed: int = 0,
+                        metadata: bool = True, folder_names: tuple[str, str] = ("Atypical", "Normal")) -> Path:
+    """AMi-Br layout: Atypical/ + Normal/ + metadata.csv with slide, dataset and three experts' votes."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label, n, folder in ((1, n_atypical, folder_names[0]), (0, n_normal, folder_names[1])):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            name = f"{'A' if label else 'N'}_{i:03d}.png"
+            Image.fromarray(make_patch(rng, bool(label))).save(root / folder / name)
+            slide = f"{i % n_slides:03d}.tiff"
+            votes = [bool(label)] * 3
+            if i % 4 == 0:
+                votes[2] = not votes[2]  # a hard case: one expert disagrees
+            rows.append({
+                "slide": slide, "dataset": "DOM_A" if i % n_slides < n_slides // 2 else "DOM_B", "uid": len(rows),
+                "label": "Atypical" if label else "Normal", "filename": name, "x": 100 + i, "y": 200 + i,
+                "expert1_label": ("AMF other" if label else "NMF metaphase"), "expert2_label": "",
+                "expert1_atypical": votes[0], "expert2_atypical": votes[1], "expert3_atypical": votes[2],
+                "majority_atypical": bool(label),
+            })
+    if metadata:
+        pd.DataFrame(rows).to_csv(root / "metadata.csv", index=False)
+    return root
+
+
+@pytest.fixture
+def amibr(tmp_path: Path) -> Path:
+    return write_class_folders(tmp_path / "amibr")
+
+
+@pytest.fixture
+def tiny() -> list[str]:
+    return list(TINY)

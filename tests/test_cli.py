@@ -1,0 +1,123 @@
+"""The command line as a user meets it: each command end to end, and bad input as one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import TINY, write_class_folders
+
+
+def mitotype(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "mitotype", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def sets(*extra: str) -> list[str]:
+    return [arg for item in (*TINY, *extra) for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def cv_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    data = write_class_folders(root / "data")
+    result = mitotype("cv", "--data", str(data), "--folds", "3", "--out", str(root / "cv"), *sets("train.epochs=1"))
+    assert result.returncode == 0, result.stderr
+    return data, root / "cv"
+
+
+def test_cv_prints_the_summary(cv_run: tuple[Path, Path]) -> None:
+    _, run = cv_run
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["folds"] == 3 and 0 <= summary["mean"]["balanced_accuracy"] <= 1
+
+
+def test_evaluate_a_fold_ensemble(cv_run: tuple[Path, Path], tmp_path: Path) -> None:
+    data, run = cv_run
+    result = mitotype("evaluate", "--model", str(run), "--data", str(data), "--out", str(tmp_path / "ev"), "--n-boot", "100")
+    assert result.returncode == 0, result.stderr
+    assert "3 model(s)" in result.stdout
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    for key in ("balanced_accuracy", "roc_auc", "average_precision", "sensitivity", "specificity", "precision", "f1", "accuracy", "n", "n_atypical", "threshold", "ci95", "per_domain"):
+        assert key in metrics, key
+    assert set(metrics["per_domain"]) == {"DOM_A", "DOM_B"} and metrics["n"] == 40
+    assert (tmp_path / "ev" / "roc.png").is_file() and (tmp_path / "ev" / "confusion.png").is_file()
+
+
+def test_predict_folder_with_tta_and_unlabelled_folder(cv_run: tuple[Path, Path], tmp_path: Path) -> None:
+    data, run = cv_run
+    result = mitotype("predict", str(data), "--model", str(run / "fold_0"), "--out", str(tmp_path / "p.csv"), "--tta")
+    assert result.returncode == 0, result.stderr
+    preds = pd.read_csv(tmp_path / "p.csv")
+    assert list(preds.columns[:3]) == ["path", "p_atypical", "label"] and len(preds) == 40
+    assert set(preds["label"]) <= {"atypical", "normal"} and "true_label" in preds and "x" in preds
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in list((data / "Normal").glob("*.png"))[:5]:
+        (flat / p.name).write_bytes(p.read_bytes())
+    result = mitotype("predict", str(flat), "--model", str(run), "--out", str(tmp_path / "q.csv"), "--threshold", "0.3")
+    assert result.returncode == 0, result.stderr
+    assert len(pd.read_csv(tmp_path / "q.csv")) == 5
+
+
+def test_benchmark_writes_a_markdown_table(cv_run: tuple[Path, Path], tmp_path: Path) -> None:
+    data, run = cv_run
+    other = write_class_folders(tmp_path / "other", n_atypical=6, n_normal=10, seed=3, metadata=False)
+    result = mitotype("benchmark", "--train", str(data), "--test", f"OTHER={other}", "--test", f"SELF={data}", "--folds", "3",
+                      "--out", str(run), "--resume", *sets("train.epochs=1"))
+    assert result.returncode == 0, result.stderr
+    table = (run / "benchmark.md").read_text()
+    assert "| OTHER | ensemble |" in table and "| SELF | folds (mean ± sd) |" in table and "±" in table
+
+
+def test_train_and_inspect(tmp_path: Path) -> None:
+    data = write_class_folders(tmp_path / "d")
+    result = mitotype("data", "inspect", str(data), "--patch-size", "32")
+    assert result.returncode == 0 and "DOM_A" in result.stdout and "no problems found" in result.stdout
+    result = mitotype("train", "--data", str(data), "--out", str(tmp_path / "run"), *sets("train.epochs=1", "data.val_fraction=0.3"))
+    assert result.returncode == 0, result.stderr
+    assert "validation: balanced accuracy" in result.stdout and (tmp_path / "run" / "model.json").is_file()
+
+
+def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bad_input_gives_one_line_errors(tmp_path: Path) -> None:
+    data = write_class_folders(tmp_path / "d")
+    (data / "Normal" / "N_003.png").write_bytes(b"\x89PNG broken")
+    args = ["cv", "--data", str(data), "--folds", "2", "--out", str(tmp_path / "cv"), *sets()]
+    _one_line_error(mitotype(*args), "N_003.png", "cannot decode", "--skip-bad")
+    _one_line_error(mitotype("train", "--data", str(data), "--out", str(tmp_path / "r"), "--set", "train.lrr=1"), "unknown config key 'lrr'")
+    _one_line_error(mitotype("train", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "r")), "absent", "no such file")
+    _one_line_error(mitotype("cv", "--data", str(data), "--recipe", "nope", "--out", str(tmp_path / "r")), "recipe 'nope' not found")
+    one_class = tmp_path / "one"
+    (one_class / "Normal").mkdir(parents=True)
+    Image.open(data / "Normal" / "N_001.png").save(one_class / "Normal" / "a.png")
+    _one_line_error(mitotype("train", "--data", str(one_class), "--out", str(tmp_path / "r"), *sets()), "only one class")
+    _one_line_error(mitotype("predict", str(data), "--model", str(tmp_path)), "no model here")
+
+
+def test_skip_bad_trains_on_the_rest_and_existing_runs_are_kept(tmp_path: Path) -> None:
+    data = write_class_folders(tmp_path / "d")
+    Image.open(data / "Normal" / "N_001.png").convert("L").save(data / "Normal" / "N_002.png")
+    out = tmp_path / "run"
+    result = mitotype("train", "--data", str(data), "--out", str(out), "--skip-bad", *sets("train.epochs=1"))
+    assert result.returncode == 0, result.stderr
+    assert "warning: skipped 1 unusable image(s)" in result.stderr and "greyscale" in result.stderr
+    assert len(pd.read_csv(out / "manifest.csv")) == 39
+    before = (out / "model.safetensors").read_bytes()
+    _one_line_error(mitotype("train", "--data", str(data), "--out", str(out), "--skip-bad", *sets()), "exists and is not empty", "--resume")
+    assert (out / "model.safetensors").read_bytes() == before

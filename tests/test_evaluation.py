@@ -1,0 +1,251 @@
+"""Evaluation stage: metrics against hand-computed values, bootstrap, figures, metrics.json."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from mitotype.errors import MitotypeError
+from mitotype.evaluation import (
+    METRIC_NAMES,
+    best_threshold,
+    binary_metrics,
+    bootstrap_intervals,
+    evaluate_predictions,
+    markdown_table,
+    plot_confusion,
+    plot_roc,
+    summarize_folds,
+    write_evaluation,
+)
+from mitotype.evaluation.metrics import _resampled_metrics, confusion_counts
+
+# 4 atypical, 6 normal. At threshold 0.5: tp=3 (0.9, 0.8, 0.6), fn=1 (0.3),
+# fp=2 (0.7, 0.55), tn=4 (0.1, 0.2, 0.4, 0.45).
+Y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+P = np.array([0.9, 0.8, 0.6, 0.3, 0.7, 0.55, 0.1, 0.2, 0.4, 0.45])
+
+
+def _random(n: int = 300, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    p = np.clip(0.3 * y + rng.random(n) * 0.7, 0, 1).round(2)  # rounding creates ties
+    return y, p
+
+
+def test_binary_metrics_match_hand_computed_values():
+    assert confusion_counts(Y, (P >= 0.5).astype(int)) == {"tn": 4, "fp": 2, "fn": 1, "tp": 3}
+    m = binary_metrics(Y, P)
+    assert m["sensitivity"] == pytest.approx(3 / 4)
+    assert m["specificity"] == pytest.approx(4 / 6)
+    assert m["precision"] == pytest.approx(3 / 5)
+    assert m["f1"] == pytest.approx(2 * 3 / (2 * 3 + 2 + 1))
+    assert m["accuracy"] == pytest.approx(7 / 10)
+    assert m["balanced_accuracy"] == pytest.approx((3 / 4 + 4 / 6) / 2)
+    # AUC = P(score_atypical > score_normal): pairs won out of 4 * 6
+    won = sum(pa > pn for pa in P[Y == 1] for pn in P[Y == 0])
+    assert m["roc_auc"] == pytest.approx(won / 24)
+    assert (m["n"], m["n_atypical"], m["threshold"]) == (10, 4, 0.5)
+    assert list(m)[: len(METRIC_NAMES)] == list(METRIC_NAMES)
+    json.dumps(m)  # plain Python types
+
+
+def test_atypical_is_the_positive_class():
+    m = binary_metrics(Y, P)
+    swapped = binary_metrics(1 - Y, 1 - P, threshold=0.5 + 1e-9)  # same decisions, classes swapped
+    assert m["sensitivity"] == pytest.approx(swapped["specificity"])
+    assert m["specificity"] == pytest.approx(swapped["sensitivity"])
+    assert m["precision"] != pytest.approx(swapped["precision"])  # precision is about class 1 only
+    assert m["n_atypical"] == 4 and swapped["n_atypical"] == 6
+    # a model that scores atypicals high has AUC > 0.5, not < 0.5
+    assert binary_metrics([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])["roc_auc"] == 1.0
+
+
+def test_threshold_changes_decisions():
+    low = binary_metrics(Y, P, threshold=0.0)  # everything atypical
+    high = binary_metrics(Y, P, threshold=1.0)  # nothing atypical (no p == 1)
+    assert (low["sensitivity"], low["specificity"]) == (1.0, 0.0)
+    assert (high["sensitivity"], high["specificity"]) == (0.0, 1.0)
+    assert high["precision"] == 0.0 and high["f1"] == 0.0  # zero_division=0
+    assert low["roc_auc"] == high["roc_auc"]  # threshold-free
+    assert binary_metrics(Y, P, threshold=0.6)["sensitivity"] == pytest.approx(3 / 4)  # p >= t
+    assert binary_metrics(Y, P, threshold=0.61)["sensitivity"] == pytest.approx(2 / 4)
+
+
+def test_one_class_gives_none_without_raising():
+    m = binary_metrics([0, 0, 0], [0.2, 0.7, 0.1])
+    assert m["roc_auc"] is None and m["average_precision"] is None
+    assert m["sensitivity"] is None and m["specificity"] == pytest.approx(2 / 3)
+    assert m["precision"] == 0.0
+    ci = bootstrap_intervals([0, 0, 0], [0.2, 0.7, 0.1], n_boot=50)
+    assert ci["roc_auc"] == [None, None] and ci["sensitivity"] == [None, None]
+    assert best_threshold([1, 1], [0.3, 0.9]) == 0.5
+
+
+def test_vectorised_bootstrap_metrics_agree_with_sklearn():
+    y, p = _random()
+    for t in (0.3, 0.5, 0.77):
+        got = _resampled_metrics(y, p, t, np.arange(len(y))[None, :])
+        want = binary_metrics(y, p, t)
+        for name in METRIC_NAMES:
+            assert got[name][0] == pytest.approx(want[name], abs=1e-12), name
+    idx = np.random.default_rng(3).integers(0, len(y), size=(5, len(y)))
+    got = _resampled_metrics(y, p, 0.5, idx)
+    for i, row in enumerate(idx):
+        assert got["roc_auc"][i] == pytest.approx(roc_auc_score(y[row], p[row]), abs=1e-12)
+        assert got["average_precision"][i] == pytest.approx(average_precision_score(y[row], p[row]), abs=1e-12)
+
+
+def test_bootstrap_contains_estimate_and_is_deterministic():
+    y, p = _random()
+    m = binary_metrics(y, p)
+    ci = bootstrap_intervals(y, p, n_boot=300, seed=7)
+    assert set(ci) == set(METRIC_NAMES)
+    for name in METRIC_NAMES:
+        lo, hi = ci[name]
+        assert lo <= m[name] <= hi, name
+        assert hi - lo > 0, name
+    assert bootstrap_intervals(y, p, n_boot=300, seed=7) == ci
+    assert bootstrap_intervals(y, p, n_boot=300, seed=8) != ci
+    narrow = bootstrap_intervals(y, p, n_boot=300, seed=7, level=0.5)
+    assert narrow["roc_auc"][1] - narrow["roc_auc"][0] < ci["roc_auc"][1] - ci["roc_auc"][0]
+
+
+def test_best_threshold_separates_separable_data():
+    y = np.array([0, 0, 0, 1, 1, 0, 1])
+    p = np.array([0.1, 0.35, 0.4, 0.62, 0.7, 0.2, 0.95])
+    t = best_threshold(y, p)
+    assert 0.4 < t <= 0.62
+    assert binary_metrics(y, p, t)["balanced_accuracy"] == 1.0
+    y2, p2 = _random()
+    t2 = best_threshold(y2, p2)
+    assert binary_metrics(y2, p2, t2)["balanced_accuracy"] >= binary_metrics(y2, p2, 0.5)["balanced_accuracy"]
+
+
+def test_summarize_folds_mean_sd():
+    folds = [
+        {"roc_auc": 0.8, "accuracy": 0.7},
+        {"roc_auc": 0.9, "accuracy": 0.9},
+        {"roc_auc": None, "accuracy": 0.8},
+    ]
+    s = summarize_folds(folds)
+    assert s["roc_auc"]["mean"] == pytest.approx(0.85)
+    assert s["roc_auc"]["sd"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
+    assert s["roc_auc"]["values"] == [0.8, 0.9]
+    assert s["accuracy"]["sd"] == pytest.approx(0.1)
+    assert s["f1"] == {"mean": None, "sd": None, "values": []}
+    assert summarize_folds([{"accuracy": 0.5}])["accuracy"] == {"mean": 0.5, "sd": 0.0, "values": [0.5]}
+    with pytest.raises(MitotypeError):
+        summarize_folds([])
+
+
+def _frame(with_domain: bool) -> pd.DataFrame:
+    y, p = _random(120)
+    df = pd.DataFrame({"label": y, "p_atypical": p})
+    if with_domain:
+        df["domain"] = np.where(np.arange(len(df)) % 3 == 0, "scanner_b", "scanner_a")
+        df.loc[5, "domain"] = None  # unknown domain: counts overall only
+    return df
+
+
+@pytest.mark.parametrize("with_domain", [False, True])
+def test_write_evaluation_files(tmp_path, with_domain):
+    df = _frame(with_domain)
+    out = tmp_path / "eval"
+    m = write_evaluation(df, out, threshold=0.4, n_boot=50, title="test")
+    assert sorted(f.name for f in out.iterdir()) == ["confusion.png", "metrics.json", "roc.png"]
+    for name in ("roc.png", "confusion.png"):
+        with Image.open(out / name) as im:
+            im.verify()
+            assert im.format == "PNG"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(m))
+    assert saved["threshold"] == 0.4 and saved["n"] == len(df)
+    assert set(saved["ci95"]) == set(METRIC_NAMES)
+    assert ("per_domain" in saved) == with_domain
+    if with_domain:
+        assert sorted(saved["per_domain"]) == ["scanner_a", "scanner_b"]
+        assert sum(d["n"] for d in saved["per_domain"].values()) == len(df) - 1
+        assert "ci95" in saved["per_domain"]["scanner_a"]
+
+
+def test_per_domain_needs_a_value_and_tolerates_one_class(tmp_path):
+    df = _frame(False)
+    df["domain"] = None
+    assert "per_domain" not in evaluate_predictions(df, n_boot=20)
+    df["domain"] = "all"
+    df.loc[:2, "domain"] = "tiny"
+    df.loc[:2, "label"] = 0
+    m = evaluate_predictions(df, n_boot=20)
+    assert m["per_domain"]["tiny"]["roc_auc"] is None
+    assert m["per_domain"]["tiny"]["ci95"]["roc_auc"] == [None, None]
+
+
+def test_plots_handle_one_class_and_formats(tmp_path):
+    plot_roc([1, 1, 1], [0.2, 0.5, 0.9], tmp_path / "roc.png")
+    plot_confusion([0, 1, 1], [0, 0, 1], tmp_path / "cm.svg", title="svg")
+    assert (tmp_path / "roc.png").stat().st_size > 0
+    assert (tmp_path / "cm.svg").read_text().lstrip().startswith("<?xml")
+    with pytest.raises(MitotypeError, match="unsupported image format"):
+        plot_roc(Y, P, tmp_path / "roc.xyz")
+    assert not list(tmp_path.glob(".*"))  # no temp files left behind
+
+
+def test_markdown_table():
+    rows = [
+        {"model": "resnet|18", "auc": (0.8123, 0.0311), "ba": {"mean": 0.7, "sd": 0.05, "values": []}, "n": 12},
+        {"model": "vit", "auc": None, "ba": 0.75, "n": np.int64(3), "extra": 1},
+        {"model": "x", "auc": float("nan"), "ba": np.float32(0.5)},
+    ]
+    table = markdown_table(rows, ["model", "auc", "ba", "n"])
+    assert table.splitlines() == [
+        "| model | auc | ba | n |",
+        "|---|---|---|---|",
+        "| resnet\\|18 | 0.812 ± 0.031 | 0.700 ± 0.050 | 12 |",
+        "| vit | – | 0.750 | 3 |",
+        "| x | – | 0.500 | – |",
+    ]
+    assert "0.81 ± 0.03" in markdown_table(rows[:1], ["auc"], float_fmt="{:.2f}")
+
+
+@pytest.mark.parametrize(
+    "y, p, match",
+    [
+        ([], [], "empty"),
+        ([0, 2, 1], [0.1, 0.2, 0.3], r"only 0 \(normal\) and 1 \(atypical\); found \[2\]"),
+        ([0, 1, 1], [0.1, float("nan"), 0.3], "NaN"),
+        ([0, 1, 1], [0.1, 0.2], "3 values but p_atypical has 2"),
+        ([0, 1], [0.1, 1.5], r"\[0, 1\]"),
+        (["a", "b"], [0.1, 0.2], "0/1 labels"),
+        ([[0, 1]], [[0.1, 0.2]], "1-D"),
+    ],
+)
+def test_bad_inputs_raise_one_line_errors(y, p, match):
+    for fn in (binary_metrics, bootstrap_intervals, best_threshold, lambda a, b: plot_roc(a, b, "unused.png")):
+        with pytest.raises(MitotypeError, match=match) as exc:
+            fn(y, p)
+        assert "\n" not in str(exc.value)
+
+
+def test_bad_frames_and_options_raise():
+    with pytest.raises(MitotypeError, match="threshold"):
+        binary_metrics(Y, P, threshold=float("nan"))
+    with pytest.raises(MitotypeError, match="n_boot"):
+        bootstrap_intervals(Y, P, n_boot=0)
+    with pytest.raises(MitotypeError, match=r"lacks column\(s\) \['p_atypical'\]"):
+        evaluate_predictions(pd.DataFrame({"label": [0, 1]}))
+    with pytest.raises(MitotypeError, match="empty"):
+        evaluate_predictions(pd.DataFrame({"label": [], "p_atypical": []}))
+    with pytest.raises(MitotypeError, match="column 'p_atypical' has 1 missing"):
+        evaluate_predictions(pd.DataFrame({"label": [0, 1], "p_atypical": [0.2, None]}))
+    with pytest.raises(MitotypeError, match="column 'label' must contain only"):
+        evaluate_predictions(pd.DataFrame({"label": [0, 3], "p_atypical": [0.2, 0.4]}))
+    with pytest.raises(MitotypeError, match="y_pred"):
+        plot_confusion([0, 1], [0, 5], "unused.png")
+    assert math.isfinite(binary_metrics(Y, P, threshold=np.float64(0.3))["threshold"])

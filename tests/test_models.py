@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from mitotype.config import ModelConfig, load_config
+from mitotype.errors import MitotypeError
+from mitotype.models.artifact import load_model, save_model
+from mitotype.models.pretrained import create_backbone, read_state_dict
+from mitotype.models.registry import create_model, list_models
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    return ModelConfig(**{"backbone": "test_efficientnet", "pretrained": "none", "input_size": 32, **kw})
+
+
+def test_model_returns_named_logits_and_p_atypical() -> None:
+    model = create_model(tiny_cfg()).eval()
+    outputs = model({"image": torch.rand(3, 3, 32, 32)})
+    assert set(outputs) == {"label"} and outputs["label"].shape == (3, 2)
+    p = model.p_atypical(outputs)
+    assert p.shape == (3,) and torch.all((p >= 0) & (p <= 1))
+    assert "timm" in list_models()
+
+
+def test_model_resizes_patches_to_its_input_size() -> None:
+    model = create_model(tiny_cfg(input_size=48)).eval()
+    seen = {}
+    model.backbone.register_forward_pre_hook(lambda m, args: seen.update(shape=args[0].shape))
+    model({"image": torch.rand(2, 3, 32, 32)})
+    assert seen["shape"][-2:] == (48, 48)
+
+
+def test_freeze_groups_stops_gradients_in_the_stem() -> None:
+    model = create_model(tiny_cfg(freeze_groups=1))
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith("backbone.conv_stem") or n.startswith("backbone.bn1") for n in frozen)
+
+
+def test_unknown_backbone_arch_and_source() -> None:
+    with pytest.raises(MitotypeError, match="not a timm model name"):
+        create_model(tiny_cfg(backbone="no_such_net"))
+    with pytest.raises(MitotypeError, match="not a registered model"):
+        create_model(ModelConfig(arch="nope"))
+    with pytest.raises(MitotypeError, match="is not one of"):
+        create_model(tiny_cfg(pretrained="imagenet"))
+    with pytest.raises(MitotypeError, match="fit backbone tf_efficientnet_lite0"):
+        create_model(tiny_cfg(pretrained="imagenet-lite0"))
+
+
+def test_file_source_loads_safetensors_and_weights_only_torch(tmp_path: Path) -> None:
+    reference = timm.create_model("test_efficientnet", num_classes=0)
+    save_file(reference.state_dict(), str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": reference.state_dict()}, tmp_path / "w.pth")
+    for name in ("w.safetensors", "w.pth"):
+        backbone, _ = create_backbone("test_efficientnet", f"file:{tmp_path / name}")
+        assert torch.equal(backbone.conv_stem.weight, reference.conv_stem.weight)
+
+
+def test_file_source_refuses_pickled_code_and_wrong_shapes(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(MitotypeError, match="not a readable weights file"):
+        read_state_dict(tmp_path / "evil.pth")
+    save_file(timm.create_model("test_resnet", num_classes=0).state_dict(), str(tmp_path / "other.safetensors"))
+    with pytest.raises(MitotypeError, match="missing or of another shape"):
+        create_backbone("test_efficientnet", f"file:{tmp_path / 'other.safetensors'}")
+    with pytest.raises(MitotypeError, match="no such file"):
+        create_backbone("test_efficientnet", f"file:{tmp_path / 'absent.pt'}")
+
+
+def test_hub_source_fails_offline_with_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MitotypeError, match="could not fetch weights for 'resnet18'.*file:PATH"):
+        create_backbone("resnet18", "hub")
+
+
+def test_hub_source_uses_timm_download_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Online, 'hub' is timm's own pretrained loading; here a local file stands in for the hub."""
+    reference = timm.create_model("test_efficientnet", num_classes=0)
+    save_file(reference.state_dict(), str(tmp_path / "hub.safetensors"))
+    real = timm.create_model
+
+    def fake_create(name, pretrained=False, **kw):
+        if pretrained:
+            kw["pretrained_cfg_overlay"] = {"file": str(tmp_path / "hub.safetensors"), "num_classes": 0}
+        return real(name, pretrained=pretrained, **kw)
+
+    monkeypatch.setattr(timm, "create_model", fake_create)
+    backbone, norm = create_backbone("test_efficientnet", "hub")
+    assert torch.equal(backbone.conv_stem.weight, reference.conv_stem.weight)
+    assert len(norm.mean) == 3
+
+
+def test_artifact_roundtrip_keeps_predictions_and_card(tmp_path: Path) -> None:
+    cfg = load_config(None, ["model.backbone=test_efficientnet", "model.input_size=32", "data.patch_size=32"])
+    model = create_model(cfg.model).eval()
+    save_model(model, cfg, tmp_path / "m", threshold=0.37, trained_on={"n": 5}, metrics={})
+    loaded = load_model(tmp_path / "m")
+    x = {"image": torch.rand(4, 3, 32, 32)}
+    with torch.no_grad():
+        assert torch.allclose(model.p_atypical(model(x)), loaded.model.p_atypical(loaded.model(x)), atol=1e-6)
+    assert loaded.threshold == pytest.approx(0.37) and loaded.patch_size == 32
+    assert loaded.card["class_names"] == ["normal", "atypical"]
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"junk")
+    with pytest.raises(MitotypeError, match="weights do not fit|model.safetensors"):
+        load_model(tmp_path / "m")
+    with pytest.raises(MitotypeError, match="no model here"):
+        load_model(tmp_path)

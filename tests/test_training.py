@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mitotype.config import LossConfig, load_config
+from mitotype.errors import MitotypeError
+from mitotype.models.registry import Head
+from mitotype.training.checkpoint import load_checkpoint
+from mitotype.training.loop import Interrupted, epoch_order, fit
+from mitotype.training.losses import HeadLoss, focal_loss
+from mitotype.training.runs import cross_validate, load_dataset, train
+from mitotype.training.schedule import WarmupCosine
+
+
+def test_focal_loss_reduces_to_weighted_ce_and_downweights_easy() -> None:
+    logits = torch.tensor([[2.0, -1.0], [0.1, 0.3], [-3.0, 3.0]])
+    target = torch.tensor([0, 1, 1])
+    ce = F.cross_entropy(logits, target)
+    assert focal_loss(logits, target, alpha=0.5, gamma=0.0) == pytest.approx(0.5 * ce.item(), rel=1e-6)
+    per_ce = F.cross_entropy(logits, target, reduction="none")
+    easy_ratio = focal_loss(logits[2:], target[2:], 0.5, 2.0) / (0.5 * per_ce[2])
+    hard_ratio = focal_loss(logits[1:2], target[1:2], 0.5, 2.0) / (0.5 * per_ce[1])
+    assert easy_ratio < hard_ratio < 1
+
+
+def test_head_loss_reads_each_heads_target_column() -> None:
+    heads = {"label": Head("label")}
+    loss = HeadLoss(LossConfig(name="ce", class_weights=True), heads, torch.tensor([30.0, 10.0]))
+    outputs = {"label": torch.zeros(4, 2)}
+    value = loss(outputs, {"label": torch.tensor([0, 1, 1, 0])})
+    assert value.item() == pytest.approx(np.log(2), rel=1e-5)
+
+
+def test_balanced_sampler_draws_classes_equally() -> None:
+    labels = np.array([1] * 100 + [0] * 900)
+    order = epoch_order(labels, "balanced", torch.Generator().manual_seed(0))
+    assert len(order) == 1000 and 0.45 < labels[order].mean() < 0.55
+    shuffled = epoch_order(labels, "shuffle", torch.Generator().manual_seed(0))
+    assert sorted(shuffled) == list(range(1000))
+
+
+def test_warmup_then_cosine() -> None:
+    f = WarmupCosine(warmup_steps=10, total_steps=110, min_ratio=0.01)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.505, abs=1e-3) and f(110) == pytest.approx(0.01)
+    assert all(f(s) >= f(s + 1) for s in range(10, 110))
+
+
+def _data(amibr: Path, tiny: list[str], *extra: str):
+    cfg = load_config(None, tiny + list(extra))
+    return cfg, load_dataset(amibr, cfg)
+
+
+def test_train_writes_a_complete_run_directory(amibr: Path, tiny: list[str], tmp_path: Path) -> None:
+    cfg, ds = _data(amibr, tiny, "data.val_fraction=0.25", "train.threshold=auto")
+    summary = train(cfg, ds, tmp_path / "run", show_progress=False)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "manifest.csv", "history.csv", "model.json", "model.safetensors", "summary.json", "val_predictions.csv", "checkpoints/last.pt"):
+        assert (run / name).is_file(), name
+    assert 0 < summary["threshold"] < 1 and "validation" in summary
+    state = load_checkpoint(run / "checkpoints" / "last.pt")  # weights_only: loads no code
+    assert state["epoch"] == 2 and len(state["history"]) == 2
+    with pytest.raises(MitotypeError, match="exists and is not empty"):
+        train(cfg, ds, run, show_progress=False)
+
+
+def test_training_is_deterministic_on_cpu(amibr: Path, tiny: list[str], tmp_path: Path) -> None:
+    cfg, ds = _data(amibr, tiny, "train.epochs=1")
+    idx = np.arange(len(ds.manifest))
+    a = fit(cfg, ds.manifest, ds.store, tmp_path / "a", idx, show_progress=False)
+    b = fit(cfg, ds.manifest, ds.store, tmp_path / "b", idx, show_progress=False)
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_resume_ends_exactly_like_an_uninterrupted_run(amibr: Path, tiny: list[str], tmp_path: Path) -> None:
+    cfg, ds = _data(amibr, tiny, "train.epochs=3", "model.drop_rate=0.3")
+    manifest = ds.manifest
+    train_idx, val_idx = np.flatnonzero(np.arange(len(manifest)) % 4 != 0), np.flatnonzero(np.arange(len(manifest)) % 4 == 0)
+    whole = fit(cfg, manifest, ds.store, tmp_path / "whole", train_idx, val_idx, show_progress=False)
+    with pytest.raises(Interrupted):
+        fit(cfg, manifest, ds.store, tmp_path / "cut", train_idx, val_idx, stop_after_epoch=1, show_progress=False)
+    assert not (tmp_path / "cut" / "model.json").exists()
+    resumed = fit(cfg, manifest, ds.store, tmp_path / "cut", train_idx, val_idx, resume=True, show_progress=False)
+    drop = ("train_seconds",)
+    strip = lambda h: [{k: v for k, v in r.items() if k not in drop} for r in h]  # noqa: E731
+    assert strip(resumed.history) == strip(whole.history)
+    pd.testing.assert_frame_equal(resumed.val_predictions, whole.val_predictions)
+    for (name, x), (_, y) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_early_stopping_keeps_the_best_epoch(amibr: Path, tiny: list[str], tmp_path: Path) -> None:
+    cfg, ds = _data(amibr, tiny, "train.epochs=6", "train.patience=1", "train.lr=0.5", "data.val_fraction=0.25")
+    summary = train(cfg, ds, tmp_path / "run", show_progress=False)
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    best = history["val_balanced_accuracy"].max()
+    assert summary["validation"]["balanced_accuracy"] == pytest.approx(best)
+    assert len(history) <= 6
+
+
+def test_cv_writes_oof_predictions_and_resumes_finished_folds(amibr: Path, tiny: list[str], tmp_path: Path) -> None:
+    cfg, ds = _data(amibr, tiny, "train.epochs=1")
+    summary = cross_validate(cfg, ds, 3, tmp_path / "cv", n_boot=50, show_progress=False)
+    oof = pd.read_csv(tmp_path / "cv" / "oof_predictions.csv")
+    assert oof["p_atypical"].between(0, 1).all() and set(oof["fold"]) == {0, 1, 2}
+    assert oof.groupby("group")["fold"].nunique().max() == 1
+    assert len(summary["per_fold"]) == 3 and set(summary["mean"]) >= {"balanced_accuracy", "roc_auc"}
+    for name in ("summary.json", "splits.csv", "oof/metrics.json", "oof/roc.png", "fold_2/model.safetensors"):
+        assert (tmp_path / "cv" / name).is_file(), name
+    again = cross_validate(cfg, ds, 3, tmp_path / "cv", resume=True, n_boot=50, show_progress=False)
+    assert again["mean"] == summary["mean"]  # folds reused, not retrained
