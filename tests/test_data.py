@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from conftest import PATCH, make_patch, write_class_folders
@@ -216,3 +217,15 @@ def test_too_many_folds_and_leaky_split_files(amibr: Path, tmp_path: Path) -> No
     pd.DataFrame({"group": groups, "split": ["train" if i % 3 else "test" for i in range(len(groups))]}).to_csv(tmp_path / "g.csv", index=False)
     folds = read_split_file(tmp_path / "g.csv", df)
     assert set(folds) == {0, 1}
+
+
+def test_streaming_batches_match_the_cache(amibr: Path) -> None:
+    from mitotype.data.images import iter_batches
+
+    paths = read_dataset(amibr).manifest["path"].tolist()
+    store, _ = decode_all(paths, PATCH)
+    seen = []
+    for index, batch in iter_batches(paths, 16, PATCH, prefetch=2):
+        assert batch.dtype == torch.uint8 and np.array_equal(batch.numpy(), store.batch(index).numpy())
+        seen.extend(index.tolist())
+    assert seen == list(range(len(paths)))

@@ -196,6 +196,27 @@ def test_affine_grid_matches_torch():
     for h, w in ((16, 16), (7, 11)):
         ref = F.affine_grid(theta, [4, 3, h, w], align_corners=False)
         assert torch.allclose(affine_grid(theta, h, w), ref, atol=1e-6)
+    # strip layout: k strips of columns stacked vertically
+    ref = F.affine_grid(theta, [4, 3, 8, 12], align_corners=False)
+    got = affine_grid(theta, 8, 12, strips=3)  # (4, 24, 4, 2)
+    assert got.shape == (4, 24, 4, 2)
+    assert torch.allclose(got.view(4, 3, 8, 4, 2).transpose(1, 2).reshape(4, 8, 12, 2), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [16, 64])  # below / above the CPU strip threshold
+def test_geometry_equals_one_plain_grid_sample(size):
+    x = batch(b=6, size=size)
+    cfg = AugmentConfig(flip=True, rot90=True, rotate_degrees=20.0, crop_scale=(0.5, 0.9))
+    aug = BatchAugment(cfg)
+    g = gen(9)
+    state = g.get_state()
+    y = aug(x, g)
+    g.set_state(state)
+    theta, smooth = aug.sample_geometry(6, size, size, g)
+    assert smooth and theta.shape == (6, 2, 3)
+    grid = F.affine_grid(theta.float(), [6, 3, size, size], align_corners=False)
+    ref = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    assert torch.allclose(y, ref, atol=1e-5)
 
 
 def test_dihedral_views():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,7 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tell atypica
 data_app = typer.Typer(no_args_is_help=True, help="Read and check datasets.")
 app.add_typer(data_app, name="data")
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True)  # messages and progress go to stderr, results to stdout
 
 RecipeOpt = typer.Option("lite0-quick", "--recipe", "-r", help="Recipe name in configs/ or a YAML path.")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config field: section.field=value (repeatable).")
@@ -51,40 +52,32 @@ def data_inspect(
     patch_size: int = typer.Option(128, help="Expected patch size in px."),
 ) -> None:
     """Counts per class, group and domain, and every problem found."""
-    from mitotype.data.images import BadImage, decode_patch
-    from mitotype.data.readers import read_dataset
+    from mitotype.data.inspect import class_counts, domain_counts, inspect_dataset
 
-    result = read_dataset(_existing(path, "dataset"), require_labels=False, skip_missing=skip_missing)
+    result = inspect_dataset(_existing(path, "dataset"), skip_missing, decode, patch_size)
     df = result.manifest
-    problems = list(result.problems)
-    if decode:
-        for p in df["path"]:
-            try:
-                decode_patch(p, patch_size)
-            except BadImage as e:
-                problems.append(str(e))
     out.print(f"[bold]{path}[/bold]: {result.layout}, {len(df)} patches, {df['group'].nunique()} groups")
-    table = Table("class", "patches", "groups", "hard (experts disagree)")
-    for label, name in ((1, "atypical"), (0, "normal"), (-1, "unlabelled")):
-        rows = df[df["label"] == label]
-        if len(rows):
-            table.add_row(name, str(len(rows)), str(rows["group"].nunique()), str(int(rows["hard"].sum())))
-    out.print(table)
-    if (df["domain"] != "").any():
-        dom = Table("domain", "patches", "atypical", "groups")
-        for name, rows in df.groupby("domain"):
-            dom.add_row(str(name), str(len(rows)), str(int((rows["label"] == 1).sum())), str(rows["group"].nunique()))
-        out.print(dom)
+    out.print(_table(("class", "patches", "groups", "hard (experts disagree)"), class_counts(df)))
+    if domains := domain_counts(df):
+        out.print(_table(("domain", "patches", "atypical", "groups"), domains))
     if (df["split"] != "").any():
         out.print("splits: " + ", ".join(f"{k} {v}" for k, v in df["split"].value_counts().items()))
-    sizes = df.groupby("group").size()
-    out.print(f"patches per group: min {sizes.min()}, median {int(sizes.median())}, max {sizes.max()}")
-    if problems:
-        out.print(f"[yellow]{len(problems)} problem(s):[/yellow]")
-        for line in problems:
+    if len(df):
+        sizes = df.groupby("group").size()
+        out.print(f"patches per group: min {sizes.min()}, median {int(sizes.median())}, max {sizes.max()}")
+    if result.problems:
+        out.print(f"[yellow]{len(result.problems)} problem(s):[/yellow]")
+        for line in result.problems:
             out.print(f"  - {line}", markup=False)
     else:
         out.print("[green]no problems found[/green]")
+
+
+def _table(header: tuple[str, ...], rows: list[tuple]) -> Table:
+    table = Table(*header)
+    for row in rows:
+        table.add_row(*map(str, row))
+    return table
 
 
 @app.command()
@@ -147,21 +140,14 @@ def evaluate(
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the 95% intervals."),
 ) -> None:
     """Score a model (or the averaged fold ensemble) on a labelled dataset."""
-    from mitotype.data.manifest import require_labels
-    from mitotype.data.readers import read_dataset
-    from mitotype.evaluation.report import write_evaluation
-    from mitotype.inference.predict import load_models, predict_manifest, prediction_table, write_csv
+    from mitotype.evaluation.evaluate import evaluate_model
 
-    models, dev = load_models(_existing(model, "--model"), device)
-    df = read_dataset(_existing(data, "--data"), skip_missing=skip_missing).manifest
-    require_labels(df, str(data))
-    t = _threshold(threshold, models)
-    p = _run_predict(models, df, tta, dev)
-    write_csv(prediction_table(df, p, t), out_dir / "predictions.csv")
-    metrics = write_evaluation(df.assign(p_atypical=p)[["label", "p_atypical", "domain"]], out_dir, threshold=t, n_boot=n_boot, title=f"{model.name} on {data.name}")
-    out.print(f"{len(models)} model(s) on {len(df)} patches: balanced accuracy {metrics['balanced_accuracy']:.3f} "
-              f"[{_fmt(metrics['ci95']['balanced_accuracy'][0])}, {_fmt(metrics['ci95']['balanced_accuracy'][1])}], "
-              f"AUROC {_fmt(metrics['roc_auc'])} → {out_dir}/metrics.json")
+    with _progress() as advance:
+        metrics, n_models = evaluate_model(_existing(model, "--model"), _existing(data, "--data"), out_dir, tta, threshold,
+                                           skip_missing, device, n_boot, progress=advance)
+    ci = metrics["ci95"]["balanced_accuracy"]
+    out.print(f"{n_models} model(s) on {metrics['n']} patches: balanced accuracy {metrics['balanced_accuracy']:.3f} "
+              f"[{_fmt(ci[0])}, {_fmt(ci[1])}], AUROC {_fmt(metrics['roc_auc'])} → {out_dir}/metrics.json")
 
 
 @app.command()
@@ -175,19 +161,12 @@ def predict(
     device: str = typer.Option("auto", "--device"),
 ) -> None:
     """Write path, p_atypical, label (+ every input column) for each patch."""
-    from mitotype.data.readers import read_dataset
-    from mitotype.inference.predict import load_models, predict_manifest, prediction_table, write_csv
+    from mitotype.inference.predict import predict_path
 
-    models, dev = load_models(_existing(model, "--model"), device)
-    df = read_dataset(_existing(inputs, "input"), require_labels=False, skip_missing=skip_missing).manifest
-    if df.empty:
-        raise MitotypeError(f"{inputs}: no images found")
-    t = _threshold(threshold, models)
-    p = _run_predict(models, df, tta, dev)
-    table = prediction_table(df, p, t)
-    write_csv(table, out_csv)
+    with _progress() as advance:
+        table = predict_path(_existing(model, "--model"), _existing(inputs, "input"), out_csv, tta, threshold, skip_missing, device, progress=advance)
     n_atyp = int((table["label"] == "atypical").sum())
-    out.print(f"{len(df)} patches → {out_csv}: {n_atyp} atypical ({n_atyp / len(df):.1%}) at threshold {t:.3f}")
+    out.print(f"{len(table)} patches → {out_csv}: {n_atyp} atypical ({n_atyp / len(table):.1%})")
 
 
 @app.command()
@@ -203,28 +182,11 @@ def benchmark(
     device: Optional[str] = DeviceOpt,
 ) -> None:
     """AMi-Br protocol: grouped K-fold CV on --train; every fold model and their ensemble on each --test."""
-    from mitotype.data.manifest import require_labels
-    from mitotype.data.readers import read_dataset
-    from mitotype.evaluation.benchmark import score_test_set, write_benchmark
-    from mitotype.inference.predict import load_models, predict_manifest
-    from mitotype.training.runs import cross_validate, load_dataset
+    from mitotype.evaluation.benchmark import run_benchmark
 
     cfg = _config(recipe, overrides, device=device)
     named = [_named_path(t) for t in tests]
-    test_sets = []
-    for name, path in named:  # check every test set before hours of training
-        df = read_dataset(path).manifest
-        require_labels(df, f"--test {name}")
-        test_sets.append((name, df))
-    ds = load_dataset(_existing(train_data, "--train"), cfg)
-    summary = cross_validate(cfg, ds, folds, out_dir, resume=True if resume else False)
-    models, dev = load_models(out_dir, cfg.train.device)
-    results = []
-    for name, df in test_sets:
-        per_fold = [_run_predict([m], df, tta, dev, label=f"{name} fold {i}") for i, m in enumerate(models)]
-        results.append(score_test_set(name, df["label"].to_numpy(), per_fold, [m.threshold for m in models]))
-    text = write_benchmark(out_dir, cfg.recipe, results, summary)
-    out.print(text)
+    out.print(run_benchmark(cfg, _existing(train_data, "--train"), named, folds, out_dir, resume=resume, tta=tta))
 
 
 def _named_path(text: str) -> tuple[str, Path]:
@@ -234,23 +196,14 @@ def _named_path(text: str) -> tuple[str, Path]:
     return name, _existing(Path(path), f"--test {name}")
 
 
-def _threshold(threshold: Optional[float], models) -> float:
-    if threshold is not None:
-        if not 0 < threshold < 1:
-            raise MitotypeError(f"--threshold {threshold}: must be in (0, 1)")
-        return threshold
-    return float(sum(m.threshold for m in models) / len(models))
+@contextmanager
+def _progress():
+    """A transient patches/s bar on stderr; yields the callback the library advances."""
+    from mitotype.progress import progress_bar
 
-
-def _run_predict(models, df, tta: bool, device, label: str = "predict"):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from mitotype.inference.predict import predict_manifest
-
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as progress:
-        task = progress.add_task(label, total=len(df))
-        return predict_manifest(models, df, tta=tta, device=device, progress=lambda n: progress.advance(task, n))
+    with progress_bar("patches", transient=True) as bar:
+        task = bar.add_task("predict", total=None)
+        yield lambda n: bar.advance(task, n)
 
 
 def _fmt(value) -> str:

@@ -11,10 +11,12 @@ import hashlib
 import json
 import os
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -158,20 +160,18 @@ def _cache_path(paths: Sequence[str], patch_size: int, size_policy: str, cache_d
 def iter_batches(
     paths: Sequence[str], batch_size: int, patch_size: int, size_policy: str = "error", prefetch: int = 2
 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-    """Stream (positions, uint8 batch) over any number of images with flat memory: background
-    threads decode the next batches while the caller runs the model on this one."""
-    chunks: Iterable[np.ndarray] = (np.arange(s, min(s + batch_size, len(paths))) for s in range(0, len(paths), batch_size))
+    """Stream (positions, uint8 batch) over any number of images with flat memory: a thread pool
+    decodes the next ``prefetch`` batches while the caller runs the model on this one."""
+    chunks = (np.arange(s, min(s + batch_size, len(paths))) for s in range(0, len(paths), batch_size))
+    with ThreadPoolExecutor(_THREADS) as pool:
 
-    def load(index: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-        with ThreadPoolExecutor(_THREADS) as pool:
-            arrays = list(pool.map(lambda i: decode_patch(paths[i], patch_size, size_policy), index))
-        return index, torch.from_numpy(np.stack(arrays))
+        def submit(index: np.ndarray) -> tuple[np.ndarray, list]:
+            return index, [pool.submit(decode_patch, paths[i], patch_size, size_policy) for i in index]
 
-    with ThreadPoolExecutor(1) as loader:
-        pending = [loader.submit(load, c) for c, _ in zip(chunks, range(prefetch))]
+        pending = deque(submit(c) for c in islice(chunks, prefetch))
         while pending:
-            result = pending.pop(0).result()
+            index, futures = pending.popleft()
             nxt = next(chunks, None)
             if nxt is not None:
-                pending.append(loader.submit(load, nxt))
-            yield result
+                pending.append(submit(nxt))
+            yield index, torch.from_numpy(np.stack([f.result() for f in futures]))

@@ -37,3 +37,24 @@ def write_benchmark(out: Path, recipe: str, results: list[dict], cv_summary: dic
     write_text(out / "benchmark.md", text)
     write_json(out / "benchmark.json", {"recipe": recipe, "cv": cv_summary, "test_sets": results})
     return text
+
+
+def run_benchmark(cfg, train_data: Path, tests: list[tuple[str, Path]], folds: int, out: Path, resume: bool = False, tta: bool = False) -> str:
+    """Check every test set first (before hours of training), cross-validate, score, tabulate."""
+    from mitotype.data.manifest import require_labels
+    from mitotype.data.readers import read_dataset
+    from mitotype.inference.predict import load_models, predict_manifest
+    from mitotype.training.runs import cross_validate, load_dataset
+
+    test_sets = []
+    for name, path in tests:
+        df = read_dataset(path).manifest
+        require_labels(df, f"--test {name}")
+        test_sets.append((name, df))
+    summary = cross_validate(cfg, load_dataset(train_data, cfg), folds, out, resume=resume)
+    models, device = load_models(out, cfg.train.device)
+    results = []
+    for name, df in test_sets:
+        per_fold = [predict_manifest([m], df, tta=tta, device=device) for m in models]
+        results.append(score_test_set(name, df["label"].to_numpy(), per_fold, [m.threshold for m in models]))
+    return write_benchmark(out, cfg.recipe, results, summary)

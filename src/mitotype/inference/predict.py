@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mitotype._io import atomic_path
 from mitotype.data.images import iter_batches
 from mitotype.data.manifest import LABEL_NAMES, UNLABELLED
 from mitotype.errors import MitotypeError
@@ -53,11 +52,34 @@ def prediction_table(manifest: pd.DataFrame, p: np.ndarray, threshold: float) ->
     return pd.concat([out, rest.reset_index(drop=True)], axis=1)
 
 
-def write_csv(df: pd.DataFrame, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
-
-
 def load_models(model_path: Path, device: str = "auto") -> tuple[list[LoadedModel], torch.device]:
     dev = resolve_device(device)
     return load_ensemble(model_path, dev), dev
+
+
+def ensemble_threshold(models: list[LoadedModel], override: float | None = None) -> float:
+    """The user's threshold, else the mean of the models' stored (validation-chosen) thresholds."""
+    if override is not None:
+        if not 0 < override < 1:
+            raise MitotypeError(f"--threshold {override}: must be in (0, 1)")
+        return float(override)
+    return float(np.mean([m.threshold for m in models]))
+
+
+def predict_path(
+    model_path: Path, inputs: Path, out_csv: Path, tta: bool = False, threshold: float | None = None,
+    skip_missing: bool = False, device: str = "auto", progress: Callable[[int], None] | None = None,
+) -> pd.DataFrame:
+    """Read INPUT (folder or manifest, labels optional), predict with the model or fold ensemble,
+    write the prediction table atomically and return it."""
+    from mitotype._io import write_csv
+    from mitotype.data.readers import read_dataset
+
+    models, dev = load_models(model_path, device)
+    df = read_dataset(inputs, require_labels=False, skip_missing=skip_missing).manifest
+    if df.empty:
+        raise MitotypeError(f"{inputs}: no images found")
+    t = ensemble_threshold(models, threshold)
+    table = prediction_table(df, predict_manifest(models, df, tta=tta, device=dev, progress=progress), t)
+    write_csv(out_csv, table)
+    return table

@@ -17,22 +17,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from mitotype._io import atomic_path, write_text
+from mitotype._io import atomic_path, write_csv, write_text
 from mitotype.config import Config, dump_config
 from mitotype.data.images import ImageStore
 from mitotype.evaluation.metrics import best_threshold, binary_metrics
 from mitotype.inference.engine import predict_batch, resolve_device, to_input
 from mitotype.models.artifact import CARD_NAME, save_model
+from mitotype.progress import console, progress_bar
 from mitotype.models.registry import MitotypeModel, create_model
 from mitotype.training.checkpoint import load_checkpoint, save_checkpoint
 from mitotype.training.losses import HeadLoss
 from mitotype.training.schedule import warmup_cosine
 from mitotype.transforms.augment import BatchAugment
 
-console = Console(stderr=True)
 
 
 @dataclass
@@ -135,19 +133,21 @@ def fit(
         torch.set_rng_state(state["rng"]["torch"])
         sample_gen.set_state(state["rng"]["sampler"])
         augment_gen.set_state(state["rng"]["augment"])
+        if on_cuda and state["rng"].get("cuda"):
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         start_epoch, history, best = state["epoch"], state["history"], state["best"]
         console.log(f"resumed {run_dir} at epoch {start_epoch}/{t.epochs}")
     best_state = _load_best(run_dir) if best["epoch"] >= 0 else None
 
     started = time.perf_counter()
-    progress = _progress(show_progress)
+    progress = progress_bar("patches", show_progress, extra="loss")
     with progress:
         for epoch in range(start_epoch, t.epochs):
             if best["bad_epochs"] >= t.patience > 0:
                 break
             model.train()
             order = train_idx[epoch_order(train_labels, t.sampler, sample_gen)]
-            task = progress.add_task(f"epoch {epoch + 1}/{t.epochs}", total=steps_per_epoch, loss="")
+            task = progress.add_task(f"epoch {epoch + 1}/{t.epochs}", total=len(order), loss="")
             tic, loss_sum = time.perf_counter(), torch.zeros((), device=device)
             for step in range(steps_per_epoch):
                 rows = order[step * t.batch_size : (step + 1) * t.batch_size]
@@ -166,7 +166,7 @@ def fit(
                 scheduler.step()
                 loss_sum += loss.detach()
                 if step % 10 == 0 or step == steps_per_epoch - 1:
-                    progress.update(task, completed=step + 1, loss=f"loss {loss_sum.item() / (step + 1):.4f}")
+                    progress.update(task, completed=min(len(order), (step + 1) * t.batch_size), loss=f"loss {loss_sum.item() / (step + 1):.4f}")
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch, "lr": optimizer.param_groups[1]["lr"], "train_seconds": time.perf_counter() - tic}
             if val_idx is not None and len(val_idx):
                 p = predict_rows([model], store, val_idx, device, t.eval_batch_size, amp=t.amp)
@@ -183,7 +183,8 @@ def fit(
             save_checkpoint(ckpt_path, {
                 "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "best": best, "history": history,
-                "rng": {"torch": torch.get_rng_state(), "sampler": sample_gen.get_state(), "augment": augment_gen.get_state()},
+                "rng": {"torch": torch.get_rng_state(), "sampler": sample_gen.get_state(), "augment": augment_gen.get_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if on_cuda else []},
             })
             if t.keep_epoch_checkpoints:
                 _save_weights(run_dir / "checkpoints" / f"epoch_{epoch + 1:03d}.safetensors", model.state_dict())
@@ -192,7 +193,7 @@ def fit(
 
     if best_state is not None:
         model.load_state_dict(best_state)
-    pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
+    write_csv(run_dir / "history.csv", pd.DataFrame(history))
     return _finish(cfg, manifest, store, run_dir, model, history, train_idx, val_idx, device, time.perf_counter() - started)
 
 
@@ -231,13 +232,6 @@ def _describe(record: dict[str, Any]) -> str:
     if "val_balanced_accuracy" in record:
         text += f" · val BA {record['val_balanced_accuracy']:.3f} · AUROC {record['val_roc_auc'] or float('nan'):.3f}"
     return text
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled, transient=False,
-    )
 
 
 def _save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:

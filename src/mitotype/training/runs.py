@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mitotype._io import atomic_path, write_json, write_text
+from mitotype._io import write_csv, write_json, write_text
 from mitotype.config import Config, dump_config
 from mitotype.data.images import ImageStore, decode_all
 from mitotype.data.manifest import require_labels
@@ -56,11 +56,6 @@ def _prepare_dir(out: Path, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _write_manifest(df: pd.DataFrame, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
-
-
 def train(cfg: Config, data: Dataset, out: Path, resume: bool = False, val: Dataset | None = None, **fit_kwargs) -> dict:
     """One model. Validation rows: a separate dataset, the manifest's ``val`` split, or a grouped
     hold-out of ``data.val_fraction``; none if none of these is given."""
@@ -77,11 +72,11 @@ def train(cfg: Config, data: Dataset, out: Path, resume: bool = False, val: Data
     else:
         train_idx, val_idx = np.arange(len(manifest)), None
     require_labels(manifest.iloc[train_idx], "training rows")
-    _write_manifest(manifest, out / "manifest.csv")
+    write_csv(out / "manifest.csv", manifest)
     result = fit(cfg, manifest, store, out, train_idx, val_idx, resume=resume, **fit_kwargs)
     summary = {"recipe": cfg.recipe, "seconds": round(result.seconds, 1), "epochs": len(result.history), "threshold": result.threshold}
     if result.val_predictions is not None:
-        _write_manifest(result.val_predictions, out / "val_predictions.csv")
+        write_csv(out / "val_predictions.csv", result.val_predictions)
         summary["validation"] = binary_metrics(result.val_predictions["label"].to_numpy(), result.val_predictions["p_atypical"].to_numpy(), result.threshold)
     write_json(out / "summary.json", summary)
     return summary
@@ -97,7 +92,7 @@ def cross_validate(
     fold_of = read_split_file(split_file, manifest) if split_file else grouped_folds(manifest, folds, cfg.data.split_seed)
     k = int(fold_of.max()) + 1
     write_text(out / "config.yaml", dump_config(cfg))
-    _write_manifest(manifest.assign(fold=fold_of), out / "splits.csv")
+    write_csv(out / "splits.csv", manifest.assign(fold=fold_of))
     device = resolve_device(cfg.train.device)
     p_oof = np.full(len(manifest), np.nan)
     fold_metrics, thresholds, fold_seconds = [], [], []
@@ -126,7 +121,7 @@ def cross_validate(
         console.log(f"fold {fold}: balanced accuracy {metrics['balanced_accuracy']:.3f} · AUROC {metrics['roc_auc'] or float('nan'):.3f}")
 
     oof = manifest.assign(fold=fold_of, p_atypical=p_oof)
-    _write_manifest(oof, out / "oof_predictions.csv")
+    write_csv(out / "oof_predictions.csv", oof)
     oof_threshold = float(np.mean(thresholds))
     pooled = write_evaluation(oof[["label", "p_atypical", "domain"]], out / "oof", threshold=oof_threshold, n_boot=n_boot, title=f"{cfg.recipe}: out-of-fold")
     y = oof["label"].to_numpy()

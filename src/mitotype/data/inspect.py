@@ -1,0 +1,38 @@
+"""What a dataset holds and what is wrong with it, before any training (``mitotype data inspect``)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from mitotype.data.images import decode_all
+from mitotype.data.readers import ReadResult, read_dataset
+
+
+def inspect_dataset(path: Path, skip_missing: bool = False, decode: bool = True, patch_size: int = 128, size_policy: str = "error") -> ReadResult:
+    """Read the dataset and, with ``decode``, try every image: all problems are collected, none raised."""
+    result = read_dataset(path, require_labels=False, skip_missing=skip_missing)
+    if decode and len(result.manifest):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, bad = decode_all(result.manifest["path"].tolist(), patch_size, size_policy, on_bad_image="skip")
+        result.problems.extend(bad)
+    return result
+
+
+def class_counts(df: pd.DataFrame) -> list[tuple[str, int, int, int]]:
+    """(class, patches, groups, hard) per class present."""
+    rows = []
+    for label, name in ((1, "atypical"), (0, "normal"), (-1, "unlabelled")):
+        part = df[df["label"] == label]
+        if len(part):
+            rows.append((name, len(part), part["group"].nunique(), int(part["hard"].sum())))
+    return rows
+
+
+def domain_counts(df: pd.DataFrame) -> list[tuple[str, int, int, int]]:
+    """(domain, patches, atypical, groups) per known domain."""
+    known = df[df["domain"] != ""]
+    return [(str(d), len(p), int((p["label"] == 1).sum()), p["group"].nunique()) for d, p in known.groupby("domain")]
