@@ -62,9 +62,11 @@ def test_predict_folder_with_tta_and_unlabelled_folder(cv_run: tuple[Path, Path]
     flat.mkdir()
     for p in list((data / "Normal").glob("*.png"))[:5]:
         (flat / p.name).write_bytes(p.read_bytes())
-    result = mitotype("predict", str(flat), "--model", str(run), "--out", str(tmp_path / "q.csv"), "--threshold", "0.3")
+    Image.open(next(flat.glob("*.png"))).resize((40, 40)).save(flat / "big.png")
+    _one_line_error(mitotype("predict", str(flat), "--model", str(run), "--out", str(tmp_path / "q.csv")), "big.png", "40x40", "--size-policy")
+    result = mitotype("predict", str(flat), "--model", str(run), "--out", str(tmp_path / "q.csv"), "--threshold", "0.3", "--size-policy", "center-crop")
     assert result.returncode == 0, result.stderr
-    assert len(pd.read_csv(tmp_path / "q.csv")) == 5
+    assert len(pd.read_csv(tmp_path / "q.csv")) == 6
 
 
 def test_benchmark_writes_a_markdown_table(cv_run: tuple[Path, Path], tmp_path: Path) -> None:
@@ -108,6 +110,7 @@ def test_bad_input_gives_one_line_errors(tmp_path: Path) -> None:
     Image.open(data / "Normal" / "N_001.png").save(one_class / "Normal" / "a.png")
     _one_line_error(mitotype("train", "--data", str(one_class), "--out", str(tmp_path / "r"), *sets()), "only one class")
     _one_line_error(mitotype("predict", str(data), "--model", str(tmp_path)), "no model here")
+    _one_line_error(mitotype("data", "download", "nope", str(tmp_path)), "unknown dataset 'nope'")
 
 
 def test_skip_bad_trains_on_the_rest_and_existing_runs_are_kept(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -114,5 +115,7 @@ def test_cv_writes_oof_predictions_and_resumes_finished_folds(amibr: Path, tiny:
     assert len(summary["per_fold"]) == 3 and set(summary["mean"]) >= {"balanced_accuracy", "roc_auc"}
     for name in ("summary.json", "splits.csv", "oof/metrics.json", "oof/roc.png", "fold_2/model.safetensors"):
         assert (tmp_path / "cv" / name).is_file(), name
+    card = json.loads((tmp_path / "cv" / "fold_1" / "model.json").read_text())
+    assert card["metrics"]["held_out_fold"]["n"] == summary["per_fold"][1]["n"]
     again = cross_validate(cfg, ds, 3, tmp_path / "cv", resume=True, n_boot=50, show_progress=False)
     assert again["mean"] == summary["mean"]  # folds reused, not retrained

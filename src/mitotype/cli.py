@@ -24,6 +24,7 @@ RecipeOpt = typer.Option("lite0-quick", "--recipe", "-r", help="Recipe name in c
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config field: section.field=value (repeatable).")
 SkipBadOpt = typer.Option(False, "--skip-bad", help="Skip unreadable / non-RGB images with a warning instead of stopping.")
 SkipMissingOpt = typer.Option(False, "--skip-missing", help="Drop CSV rows whose image is missing, with a warning.")
+SizePolicyOpt = typer.Option(None, "--size-policy", help="Patches of another size than the model's: error, center-crop or resize.")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: the config's, auto).")
 
 
@@ -78,6 +79,19 @@ def _table(header: tuple[str, ...], rows: list[tuple]) -> Table:
     for row in rows:
         table.add_row(*map(str, row))
     return table
+
+
+@data_app.command("download")
+def data_download(
+    name: str = typer.Argument(..., help="ami-br, atnorm-br, atnorm-md or midog25-atypical."),
+    dest: Path = typer.Argument(Path("data"), help="Folder to download into."),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="Mirror replacing the public host (also MITOTYPE_DOWNLOAD_BASE)."),
+) -> None:
+    """Fetch a public dataset from its home into DEST (needs the internet)."""
+    from mitotype.data.download import DATASETS, download
+
+    folder = download(name, dest, base_url=base_url)
+    out.print(f"{name} → {folder}\ncite: {DATASETS[name].citation}")
 
 
 @app.command()
@@ -138,13 +152,14 @@ def evaluate(
     skip_missing: bool = SkipMissingOpt,
     device: str = typer.Option("auto", "--device"),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the 95% intervals."),
+    size_policy: Optional[str] = SizePolicyOpt,
 ) -> None:
     """Score a model (or the averaged fold ensemble) on a labelled dataset."""
     from mitotype.evaluation.evaluate import evaluate_model
 
     with _progress() as advance:
         metrics, n_models = evaluate_model(_existing(model, "--model"), _existing(data, "--data"), out_dir, tta, threshold,
-                                           skip_missing, device, n_boot, progress=advance)
+                                           skip_missing, device, n_boot, progress=advance, size_policy=_policy(size_policy))
     ci = metrics["ci95"]["balanced_accuracy"]
     out.print(f"{n_models} model(s) on {metrics['n']} patches: balanced accuracy {metrics['balanced_accuracy']:.3f} "
               f"[{_fmt(ci[0])}, {_fmt(ci[1])}], AUROC {_fmt(metrics['roc_auc'])} → {out_dir}/metrics.json")
@@ -159,12 +174,14 @@ def predict(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Decision threshold (default: the model's)."),
     skip_missing: bool = SkipMissingOpt,
     device: str = typer.Option("auto", "--device"),
+    size_policy: Optional[str] = SizePolicyOpt,
 ) -> None:
     """Write path, p_atypical, label (+ every input column) for each patch."""
     from mitotype.inference.predict import predict_path
 
     with _progress() as advance:
-        table = predict_path(_existing(model, "--model"), _existing(inputs, "input"), out_csv, tta, threshold, skip_missing, device, progress=advance)
+        table = predict_path(_existing(model, "--model"), _existing(inputs, "input"), out_csv, tta, threshold, skip_missing, device,
+                             progress=advance, size_policy=_policy(size_policy))
     n_atyp = int((table["label"] == "atypical").sum())
     out.print(f"{len(table)} patches → {out_csv}: {n_atyp} atypical ({n_atyp / len(table):.1%})")
 
@@ -204,6 +221,12 @@ def _progress():
     with progress_bar("patches", transient=True) as bar:
         task = bar.add_task("predict", total=None)
         yield lambda n: bar.advance(task, n)
+
+
+def _policy(value: Optional[str]) -> Optional[str]:
+    if value is not None and value not in ("error", "center-crop", "resize"):
+        raise MitotypeError(f"--size-policy '{value}': must be error, center-crop or resize")
+    return value
 
 
 def _fmt(value) -> str:

@@ -65,7 +65,7 @@ def _fit(im: Image.Image, size: int, policy: str, path: str | Path) -> Image.Ima
     if policy == "center-crop" and w >= size and h >= size:
         left, top = (w - size) // 2, (h - size) // 2
         return im.crop((left, top, left + size, top + size))
-    hint = "set data.patch_size, or data.size_policy=center-crop|resize"
+    hint = "set data.patch_size or data.size_policy=center-crop|resize; for predict/evaluate --size-policy"
     raise BadImage(f"{path}: image is {w}x{h} px, expected {size}x{size} ({hint})")
 
 

@@ -15,13 +15,14 @@ from mitotype.inference.predict import ensemble_threshold, load_models, predict_
 def evaluate_model(
     model_path: Path, data: Path, out_dir: Path, tta: bool = False, threshold: float | None = None,
     skip_missing: bool = False, device: str = "auto", n_boot: int = 1000, progress: Callable[[int], None] | None = None,
+    size_policy: str | None = None,
 ) -> tuple[dict, int]:
     """Writes predictions.csv, metrics.json, roc.png, confusion.png; returns (metrics, n_models)."""
     models, dev = load_models(model_path, device)
     df = read_dataset(data, skip_missing=skip_missing).manifest
     require_labels(df, str(data))
     t = ensemble_threshold(models, threshold)
-    p = predict_manifest(models, df, tta=tta, device=dev, progress=progress)
+    p = predict_manifest(models, df, tta=tta, device=dev, progress=progress, size_policy=size_policy)
     write_csv(out_dir / "predictions.csv", prediction_table(df, p, t))
     scored = df.assign(p_atypical=p)[["label", "p_atypical", "domain"]]
     metrics = write_evaluation(scored, out_dir, threshold=t, n_boot=n_boot, title=f"{Path(model_path).name} on {Path(data).name}")

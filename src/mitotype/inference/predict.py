@@ -24,8 +24,10 @@ def predict_manifest(
     tta: bool = False,
     device: torch.device | None = None,
     progress: Callable[[int], None] | None = None,
+    size_policy: str | None = None,
 ) -> np.ndarray:
-    """Mean p_atypical of ``models`` (one, or the fold ensemble) for each manifest row."""
+    """Mean p_atypical of ``models`` (one, or the fold ensemble) for each manifest row.
+    ``size_policy`` (error | center-crop | resize) overrides the models' for other-sized patches."""
     if not models:
         raise MitotypeError("no model to predict with")
     device = device or torch.device("cpu")
@@ -33,6 +35,7 @@ def predict_manifest(
     if len(sizes) > 1:
         raise MitotypeError(f"ensemble members expect different patch sizes: {sorted(sizes)}")
     patch_size, policy = sizes.pop()
+    policy = size_policy or policy
     p = np.empty(len(manifest), dtype=np.float64)
     nets = [m.model for m in models]
     for index, batch in iter_batches(manifest["path"].tolist(), batch_size, patch_size, policy):
@@ -68,7 +71,7 @@ def ensemble_threshold(models: list[LoadedModel], override: float | None = None)
 
 def predict_path(
     model_path: Path, inputs: Path, out_csv: Path, tta: bool = False, threshold: float | None = None,
-    skip_missing: bool = False, device: str = "auto", progress: Callable[[int], None] | None = None,
+    skip_missing: bool = False, device: str = "auto", progress: Callable[[int], None] | None = None, size_policy: str | None = None,
 ) -> pd.DataFrame:
     """Read INPUT (folder or manifest, labels optional), predict with the model or fold ensemble,
     write the prediction table atomically and return it."""
@@ -80,6 +83,6 @@ def predict_path(
     if df.empty:
         raise MitotypeError(f"{inputs}: no images found")
     t = ensemble_threshold(models, threshold)
-    table = prediction_table(df, predict_manifest(models, df, tta=tta, device=dev, progress=progress), t)
+    table = prediction_table(df, predict_manifest(models, df, tta=tta, device=dev, progress=progress, size_policy=size_policy), t)
     write_csv(out_csv, table)
     return table

@@ -80,6 +80,14 @@ def save_model(model: MitotypeModel, cfg: Config, out_dir: Path, threshold: floa
     write_json(out_dir / CARD_NAME, card)
 
 
+def add_card_metrics(folder: Path, name: str, metrics: dict) -> None:
+    """Record a measurement (e.g. the held-out fold's metrics) in an existing card."""
+    card_path = Path(folder) / CARD_NAME
+    card = json.loads(card_path.read_text())
+    card.setdefault("metrics", {})[name] = metrics
+    write_json(card_path, card)
+
+
 def model_dirs(path: Path) -> list[Path]:
     """The artifact folders behind PATH: one model, or the fold models of a cross-validation run."""
     path = Path(path)

@@ -25,7 +25,7 @@ from mitotype.errors import MitotypeError
 from mitotype.evaluation.metrics import METRIC_NAMES, best_threshold, binary_metrics, summarize_folds
 from mitotype.evaluation.report import write_evaluation
 from mitotype.inference.engine import resolve_device
-from mitotype.models.artifact import load_model
+from mitotype.models.artifact import add_card_metrics, load_model
 from mitotype.training.loop import console, fit, is_complete, predict_rows
 
 
@@ -115,6 +115,7 @@ def cross_validate(
         p = predict_rows([model], store, test_idx, device, cfg.train.eval_batch_size, amp=cfg.train.amp)
         p_oof[test_idx] = p
         metrics = binary_metrics(manifest["label"].to_numpy()[test_idx], p, threshold)
+        add_card_metrics(fold_dir, "held_out_fold", metrics)
         fold_metrics.append(metrics)
         thresholds.append(threshold)
         fold_seconds.append(round(time.perf_counter() - tic, 1))
