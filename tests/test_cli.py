@@ -64,9 +64,13 @@ def test_predict_folder_with_tta_and_unlabelled_folder(cv_run: tuple[Path, Path]
         (flat / p.name).write_bytes(p.read_bytes())
     Image.open(next(flat.glob("*.png"))).resize((40, 40)).save(flat / "big.png")
     _one_line_error(mitotype("predict", str(flat), "--model", str(run), "--out", str(tmp_path / "q.csv")), "big.png", "40x40", "--size-policy")
-    result = mitotype("predict", str(flat), "--model", str(run), "--out", str(tmp_path / "q.csv"), "--threshold", "0.3", "--size-policy", "center-crop")
+    (flat / "broken.png").write_bytes(b"nope")
+    result = mitotype("predict", str(flat), "--model", str(run), "--out", str(tmp_path / "q.csv"), "--threshold", "0.3",
+                      "--size-policy", "center-crop", "--skip-bad")
     assert result.returncode == 0, result.stderr
-    assert len(pd.read_csv(tmp_path / "q.csv")) == 6
+    assert "skipped 1 unusable image(s)" in result.stderr
+    preds = pd.read_csv(tmp_path / "q.csv", keep_default_na=False)
+    assert len(preds) == 7 and preds.loc[preds["path"].str.endswith("broken.png"), "label"].tolist() == [""]
 
 
 def test_benchmark_writes_a_markdown_table(cv_run: tuple[Path, Path], tmp_path: Path) -> None:

@@ -41,6 +41,10 @@ def test_saved_config_roundtrips() -> None:
         ("augment.hue=0.9", "augment.hue must be in"),
         ("train.threshold=1.5", "must be in"),
         ("noequals", "section.field=value"),
+        ("loss.label_smoothing=1.5", "out of range"),
+        ("train.lr=-1", "out of range"),
+        ("model.input_size=0", "out of range"),
+        ("loss.focal_alpha=3", "out of range"),
     ],
 )
 def test_bad_overrides_name_the_key(override: str, message: str) -> None:
@@ -58,3 +62,21 @@ def test_unknown_key_in_yaml_names_file_and_key(tmp_path: Path) -> None:
 def test_missing_recipe_lists_known_ones() -> None:
     with pytest.raises(MitotypeError, match="known recipes: .*lite0-quick"):
         load_config("no-such-recipe")
+
+
+def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
+    from mitotype.config import record_config
+
+    cfg = load_config("lite0-quick")
+    record_config(tmp_path / "config.yaml", cfg, resume=False)
+    record_config(tmp_path / "config.yaml", load_config("lite0-quick", ["train.device=cpu"]), resume=True)  # device may change
+    with pytest.raises(MitotypeError, match=r"changed config \(train.epochs: 6 -> 9\)"):
+        record_config(tmp_path / "config.yaml", load_config("lite0-quick", ["train.epochs=9"]), resume=True)
+
+
+def test_bad_device_names_are_one_line() -> None:
+    from mitotype.inference.engine import resolve_device
+
+    with pytest.raises(MitotypeError, match="expected auto, cpu, cuda"):
+        resolve_device("gpu")
+    assert resolve_device("cpu").type == "cpu"

@@ -216,7 +216,7 @@ def test_too_many_folds_and_leaky_split_files(amibr: Path, tmp_path: Path) -> No
     groups = sorted(df["group"].unique())
     pd.DataFrame({"group": groups, "split": ["train" if i % 3 else "test" for i in range(len(groups))]}).to_csv(tmp_path / "g.csv", index=False)
     folds = read_split_file(tmp_path / "g.csv", df)
-    assert set(folds) == {0, 1}
+    assert set(folds) == {0, -1}  # test rows held out; train rows never
 
 
 def test_streaming_batches_match_the_cache(amibr: Path) -> None:
@@ -229,3 +229,71 @@ def test_streaming_batches_match_the_cache(amibr: Path) -> None:
         assert batch.dtype == torch.uint8 and np.array_equal(batch.numpy(), store.batch(index).numpy())
         seen.extend(index.tolist())
     assert seen == list(range(len(paths)))
+
+
+def test_sixteen_bit_rgb_and_hidden_files(tmp_path: Path) -> None:
+    import struct
+    import zlib
+
+    raw = b"".join(b"\x00" + np.full((PATCH, 3), 40000, ">u2").tobytes() for _ in range(PATCH))
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)  # noqa: E731
+    ihdr = struct.pack(">IIBBBBB", PATCH, PATCH, 16, 2, 0, 0, 0)
+    (tmp_path / "rgb16.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    with pytest.raises(BadImage, match="16/32-bit"):
+        decode_patch(tmp_path / "rgb16.png", PATCH)
+    root = write_class_folders(tmp_path / "d", metadata=False)
+    (root / "Normal" / "._N_000.png").write_bytes(b"resource fork")
+    assert not read_dataset(root).manifest["path"].str.contains("/._", regex=False).any()
+
+
+def test_split_files_are_validated(amibr: Path, tmp_path: Path) -> None:
+    df = read_dataset(amibr).manifest
+    groups = sorted(df["group"].unique())
+    bad = pd.DataFrame({"group": groups, "fold": [1 + i % 2 for i in range(len(groups))]})
+    bad.to_csv(tmp_path / "gap.csv", index=False)
+    with pytest.raises(MitotypeError, match="0..K-1 without gaps"):
+        read_split_file(tmp_path / "gap.csv", df)
+    holes = pd.DataFrame({"group": groups, "split": ["test", None] + ["train"] * (len(groups) - 2)})
+    holes.to_csv(tmp_path / "holes.csv", index=False)
+    with pytest.raises(MitotypeError, match="row 3 has no split"):
+        read_split_file(tmp_path / "holes.csv", df)
+    rel = pd.DataFrame({"path": [str(Path(p).relative_to(tmp_path)) for p in df["path"]], "fold": df["group"].rank(method="dense").astype(int) % 2})
+    rel.to_csv(tmp_path / "rel.csv", index=False)  # paths relative to the split file's folder
+    assert set(read_split_file(tmp_path / "rel.csv", df)) == {0, 1}
+
+
+def test_test_split_is_never_trained_on_and_is_what_evaluate_scores(tmp_path: Path) -> None:
+    from mitotype.data.splits import evaluation_rows, training_rows
+
+    for split, seed in (("Train", 0), ("Test", 1)):
+        write_class_folders(tmp_path / "s" / split, n_atypical=3, n_normal=5, seed=seed, metadata=False)
+    df = read_dataset(tmp_path / "s").manifest
+    with pytest.warns(UserWarning, match="8 patch\\(es\\) of the data's test split set aside"):
+        rows = training_rows(df)
+    assert set(df["split"].iloc[rows]) == {"train"}
+    assert set(df["split"].iloc[evaluation_rows(df)]) == {"test"}
+
+
+def test_several_csvs_prefer_metadata_or_stop(amibr: Path) -> None:
+    pd.DataFrame({"x": [1]}).to_csv(amibr / "predictions.csv", index=False)
+    assert read_dataset(amibr).manifest["n_votes"].eq(3).all()  # metadata.csv still joined
+    (amibr / "metadata.csv").rename(amibr / "votes.csv")
+    with pytest.raises(MitotypeError, match="several CSVs"):
+        read_dataset(amibr)
+
+
+def test_unreadable_csv_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(MitotypeError, match="not a readable CSV"):
+        read_dataset(tmp_path / "empty.csv")
+
+
+def test_predictions_read_back_keep_the_true_label(amibr: Path, tmp_path: Path) -> None:
+    from mitotype.inference.predict import prediction_table
+
+    df = read_dataset(amibr).manifest
+    table = prediction_table(df.iloc[5:], np.zeros(len(df) - 5), 0.5)  # non-default index, all "normal"
+    assert table["path"].notna().all()
+    table.to_csv(tmp_path / "preds.csv", index=False)
+    again = read_dataset(tmp_path / "preds.csv").manifest
+    assert (again["label"].to_numpy() == df["label"].iloc[5:].to_numpy()).all()

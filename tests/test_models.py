@@ -10,7 +10,8 @@ from safetensors.torch import save_file
 from mitotype.config import ModelConfig, load_config
 from mitotype.errors import MitotypeError
 from mitotype.models.artifact import load_model, save_model
-from mitotype.models.pretrained import create_backbone, read_state_dict
+from mitotype.models.pretrained import create_backbone
+from mitotype.models.state_dict import read_state_dict
 from mitotype.models.registry import create_model, list_models
 
 

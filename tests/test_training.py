@@ -119,3 +119,5 @@ def test_cv_writes_oof_predictions_and_resumes_finished_folds(amibr: Path, tiny:
     assert card["metrics"]["held_out_fold"]["n"] == summary["per_fold"][1]["n"]
     again = cross_validate(cfg, ds, 3, tmp_path / "cv", resume=True, n_boot=50, show_progress=False)
     assert again["mean"] == summary["mean"]  # folds reused, not retrained
+    with pytest.raises(MitotypeError, match="--resume with other folds"):
+        cross_validate(cfg, ds, 4, tmp_path / "cv", resume=True, n_boot=50, show_progress=False)

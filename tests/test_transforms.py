@@ -196,14 +196,9 @@ def test_affine_grid_matches_torch():
     for h, w in ((16, 16), (7, 11)):
         ref = F.affine_grid(theta, [4, 3, h, w], align_corners=False)
         assert torch.allclose(affine_grid(theta, h, w), ref, atol=1e-6)
-    # strip layout: k strips of columns stacked vertically
-    ref = F.affine_grid(theta, [4, 3, 8, 12], align_corners=False)
-    got = affine_grid(theta, 8, 12, strips=3)  # (4, 24, 4, 2)
-    assert got.shape == (4, 24, 4, 2)
-    assert torch.allclose(got.view(4, 3, 8, 4, 2).transpose(1, 2).reshape(4, 8, 12, 2), ref, atol=1e-6)
 
 
-@pytest.mark.parametrize("size", [16, 64])  # below / above the CPU strip threshold
+@pytest.mark.parametrize("size", [16, 33])
 def test_geometry_equals_one_plain_grid_sample(size):
     x = batch(b=6, size=size)
     cfg = AugmentConfig(flip=True, rot90=True, rotate_degrees=20.0, crop_scale=(0.5, 0.9))

@@ -153,13 +153,15 @@ def evaluate(
     device: str = typer.Option("auto", "--device"),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the 95% intervals."),
     size_policy: Optional[str] = SizePolicyOpt,
+    skip_bad: bool = SkipBadOpt,
 ) -> None:
     """Score a model (or the averaged fold ensemble) on a labelled dataset."""
     from mitotype.evaluation.evaluate import evaluate_model
 
     with _progress() as advance:
         metrics, n_models = evaluate_model(_existing(model, "--model"), _existing(data, "--data"), out_dir, tta, threshold,
-                                           skip_missing, device, n_boot, progress=advance, size_policy=_policy(size_policy))
+                                           skip_missing, device, n_boot, progress=advance, size_policy=_policy(size_policy),
+                                           skip_bad=skip_bad)
     ci = metrics["ci95"]["balanced_accuracy"]
     out.print(f"{n_models} model(s) on {metrics['n']} patches: balanced accuracy {metrics['balanced_accuracy']:.3f} "
               f"[{_fmt(ci[0])}, {_fmt(ci[1])}], AUROC {_fmt(metrics['roc_auc'])} → {out_dir}/metrics.json")
@@ -175,13 +177,14 @@ def predict(
     skip_missing: bool = SkipMissingOpt,
     device: str = typer.Option("auto", "--device"),
     size_policy: Optional[str] = SizePolicyOpt,
+    skip_bad: bool = SkipBadOpt,
 ) -> None:
     """Write path, p_atypical, label (+ every input column) for each patch."""
     from mitotype.inference.predict import predict_path
 
     with _progress() as advance:
         table = predict_path(_existing(model, "--model"), _existing(inputs, "input"), out_csv, tta, threshold, skip_missing, device,
-                             progress=advance, size_policy=_policy(size_policy))
+                             progress=advance, size_policy=_policy(size_policy), skip_bad=skip_bad)
     n_atyp = int((table["label"] == "atypical").sum())
     out.print(f"{len(table)} patches → {out_csv}: {n_atyp} atypical ({n_atyp / len(table):.1%})")
 
@@ -224,8 +227,10 @@ def _progress():
 
 
 def _policy(value: Optional[str]) -> Optional[str]:
-    if value is not None and value not in ("error", "center-crop", "resize"):
-        raise MitotypeError(f"--size-policy '{value}': must be error, center-crop or resize")
+    from mitotype.config import SIZE_POLICIES
+
+    if value is not None and value not in SIZE_POLICIES:
+        raise MitotypeError(f"--size-policy '{value}': must be one of {', '.join(SIZE_POLICIES)}")
     return value
 
 

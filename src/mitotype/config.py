@@ -201,8 +201,9 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return cfg
 
 
+SIZE_POLICIES = ("error", "center-crop", "resize")
 _CHOICES = {
-    ("data", "size_policy"): ("error", "center-crop", "resize"),
+    ("data", "size_policy"): SIZE_POLICIES,
     ("data", "on_bad_image"): ("error", "skip"),
     ("loss", "name"): ("ce", "focal"),
     ("train", "optimizer"): ("adamw", "adam"),
@@ -220,9 +221,19 @@ def validate_config(cfg: Config) -> None:
         raise MitotypeError(f"config train.threshold: '{cfg.train.threshold}' must be a number in (0, 1) or 'auto'")
     if isinstance(cfg.train.threshold, float) and not 0 < cfg.train.threshold < 1:
         raise MitotypeError(f"config train.threshold: {cfg.train.threshold} must be in (0, 1)")
-    for name in ("epochs", "batch_size", "eval_batch_size"):
-        if getattr(cfg.train, name) < 1:
-            raise MitotypeError(f"config train.{name}: must be >= 1")
+    ranges = {
+        "train.epochs": (1, None), "train.batch_size": (1, None), "train.eval_batch_size": (1, None),
+        "train.lr": (1e-12, None), "train.weight_decay": (0, None), "train.warmup_epochs": (0, None),
+        "train.min_lr_ratio": (0, 1), "train.patience": (0, None), "train.grad_clip": (0, None),
+        "train.backbone_lr_scale": (0, None), "loss.label_smoothing": (0, 0.999), "loss.focal_alpha": (0, 1),
+        "loss.focal_gamma": (0, None), "model.input_size": (8, None), "data.patch_size": (8, None),
+        "model.drop_rate": (0, 0.999), "model.drop_path_rate": (0, 0.999), "model.freeze_groups": (0, None),
+    }
+    for key, (lo, hi) in ranges.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < lo or (hi is not None and value > hi):
+            raise MitotypeError(f"config {key}: {value} is out of range ({lo} .. {hi if hi is not None else 'inf'})")
     if not 0 <= cfg.data.val_fraction < 1:
         raise MitotypeError("config data.val_fraction: must be in [0, 1)")
 
@@ -239,3 +250,29 @@ def _plain(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return str(value)
     return value
+
+
+def record_config(path: Path, cfg: Config, resume: bool) -> None:
+    """Write a run's config.yaml; on resume refuse a changed one, since a resumed run must end as
+    the uninterrupted run would (only the device may change)."""
+    from mitotype._io import write_text
+
+    if resume and path.is_file():
+        old, new = yaml.safe_load(path.read_text()), yaml.safe_load(dump_config(cfg))
+        for values in (old, new):
+            values.get("train", {}).pop("device", None)
+        changed = _first_difference(old, new)
+        if changed:
+            raise MitotypeError(f"{path}: --resume with a changed config ({changed}); resume with the original settings or start a new run")
+        return
+    write_text(path, dump_config(cfg))
+
+
+def _first_difference(old: Any, new: Any, where: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            found = _first_difference(old.get(key), new.get(key), f"{where}.{key}".lstrip("."))
+            if found:
+                return found
+        return ""
+    return "" if old == new else f"{where}: {old!r} -> {new!r}"

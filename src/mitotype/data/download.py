@@ -73,6 +73,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from mitotype.data.manifest import parse_label
+from mitotype.data.readers import IMAGE_SUFFIXES, looks_like_dataset
 from mitotype.errors import MitotypeError
 
 __all__ = ["DATASETS", "DatasetSource", "RemoteFile", "download", "resolve_url"]
@@ -83,9 +85,6 @@ CHUNK = 1 << 20
 TIMEOUT_S = 60.0
 STALE_S = 3600.0  # leftovers of a killed download older than this are removed by the next call
 USER_AGENT = "mitotype-download/0.1 (+https://github.com/)"
-CLASS_NAMES = {"atypical", "normal", "amf", "nmf"}
-SPLIT_NAMES = {"train", "val", "valid", "validation", "test"}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 LFS_POINTER = b"version https://git-lfs"
 
 BENCHMARK_ZIP = "https://github.com/DeepMicroscopy/AMi-Br_Benchmark/archive/refs/heads/main.zip"
@@ -121,10 +120,6 @@ class DatasetSource:
     citation: str
     licence: str
     prepare: Callable[[Path], None] | None = field(default=None, compare=False)
-
-    @property
-    def urls(self) -> tuple[str, ...]:
-        return tuple(f.url for f in self.files)
 
 
 def _prepare_midog25(root: Path) -> None:
@@ -178,12 +173,12 @@ def _prepare_midog25(root: Path) -> None:
 
 
 def _vote(value: str | None) -> str:
-    text = (value or "").strip().lower()
-    if text in ("amf", "atypical", "true", "1", "1.0"):
-        return "1.0"
-    if text in ("nmf", "normal", "false", "0", "0.0"):
-        return "0.0"
-    return ""
+    """An expert's vote as the manifest writes it: "1.0" atypical, "0.0" normal, "" unknown."""
+    try:
+        label = parse_label(value if value is not None else "", "vote")
+    except MitotypeError:
+        return ""
+    return {1: "1.0", 0: "0.0"}.get(label, "")
 
 
 DATASETS: dict[str, DatasetSource] = {
@@ -292,7 +287,7 @@ def download(name: str, dest: Path, *, base_url: str | None = None, progress: bo
     dest = Path(dest).expanduser()
     target = dest / name
     if target.exists():
-        if (target / MARKER).is_file() or (target.is_dir() and _looks_like_dataset(target)):
+        if (target / MARKER).is_file() or (target.is_dir() and looks_like_dataset(target)):
             return target
         raise MitotypeError(
             f"{target}: exists but is not a {name} dataset (no Atypical/ + Normal/ folders or CSV); move it away or choose another destination"
@@ -475,21 +470,8 @@ def _extract(archive: Path, place: Path, remote: RemoteFile, url: str) -> None:
         raise MitotypeError(f"{url}: corrupt or truncated {remote.kind} archive ({_one_line(err)}); nothing was kept") from None
 
 
-def _class_dirs(folder: Path) -> list[Path]:
-    return [d for d in folder.iterdir() if d.is_dir() and d.name.lower() in CLASS_NAMES]
-
-
-def _looks_like_dataset(folder: Path) -> bool:
-    """Class folders, split folders with class folders, or a CSV: the layouts the readers take."""
-    if not folder.is_dir():
-        return False
-    if len(_class_dirs(folder)) >= 1 or any(folder.glob("*.csv")):
-        return True
-    return any(d.is_dir() and d.name.lower() in SPLIT_NAMES and _class_dirs(d) for d in folder.iterdir())
-
-
 def _check_layout(root: Path, name: str) -> None:
-    if not _looks_like_dataset(root):
+    if not looks_like_dataset(root):
         found = ", ".join(sorted(p.name for p in root.iterdir())[:8]) or "nothing"
         raise MitotypeError(f"{name}: the download holds no dataset layout (Atypical/ + Normal/ or a CSV); found {found}")
     images = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]

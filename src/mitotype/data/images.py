@@ -36,9 +36,10 @@ def decode_patch(path: str | Path, patch_size: int, size_policy: str = "error") 
     """Read one image as (patch_size, patch_size, 3) uint8 RGB, or raise :class:`BadImage`."""
     try:
         with Image.open(path) as im:
+            rawmodes = [str(tile.args) for tile in im.tile]  # before load(): PIL reads 16-bit RGB as 8-bit
             im.load()
             mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            if mode in ("I;16", "I;16B", "I;16L", "I", "F") or any(";16" in r for r in rawmodes):
                 raise BadImage(f"{path}: {mode} image (16/32-bit); expected 8-bit RGB")
             if mode in ("L", "LA", "1"):
                 raise BadImage(f"{path}: greyscale image ({mode}); expected 8-bit RGB H&E")
@@ -46,12 +47,14 @@ def decode_patch(path: str | Path, patch_size: int, size_policy: str = "error") 
                 alpha = np.asarray(im.getchannel("A"))
                 if alpha.min() < 255:
                     raise BadImage(f"{path}: RGBA image with transparent pixels; expected 8-bit RGB")
+            if mode == "P" and "transparency" in im.info:
+                raise BadImage(f"{path}: palette image with transparency; expected 8-bit RGB")
             if mode not in ("RGB", "RGBA", "P"):
                 raise BadImage(f"{path}: {mode} image; expected 8-bit RGB")
             rgb = im.convert("RGB")
     except BadImage:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise BadImage(f"{path}: cannot decode image ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     if rgb.size != (patch_size, patch_size):
         rgb = _fit(rgb, patch_size, size_policy, path)
@@ -87,13 +90,26 @@ class ImageStore:
         return ImageStore(self.array, self.rows[np.asarray(index)])
 
 
+def find_bad_images(paths: Sequence[str], patch_size: int, size_policy: str = "error") -> list[str]:
+    """Try every image, keep only the problems: memory stays flat however many there are."""
+
+    def check(path: str) -> str | None:
+        try:
+            decode_patch(path, patch_size, size_policy)
+            return None
+        except BadImage as err:
+            return str(err)
+
+    with ThreadPoolExecutor(_THREADS) as pool:
+        return [problem for problem in pool.map(check, paths) if problem]
+
+
 def decode_all(
     paths: Sequence[str],
     patch_size: int,
     size_policy: str = "error",
     on_bad_image: str = "error",
     cache_dir: str | Path | None = None,
-    progress: "callable | None" = None,
 ) -> tuple[ImageStore, list[str]]:
     """Decode ``paths`` once (threads overlap PNG decoding), optionally into a memory-mapped cache.
 
@@ -103,25 +119,27 @@ def decode_all(
     paths = [str(p) for p in paths]
     if cache_dir is None:
         array = np.empty((len(paths), patch_size, patch_size, 3), dtype=np.uint8)
-        ok, bad = _decode_into(array, paths, patch_size, size_policy, on_bad_image, progress)
+        ok, bad = _decode_into(array, paths, patch_size, size_policy, on_bad_image)
     else:
         out_path = _cache_path(paths, patch_size, size_policy, Path(cache_dir))
         if not (out_path.is_file() and out_path.with_suffix(".json").is_file()):
             with atomic_path(out_path) as tmp:  # a crash never leaves a half-written cache behind
                 target = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), patch_size, patch_size, 3))
-                ok, bad = _decode_into(target, paths, patch_size, size_policy, on_bad_image, progress)
+                ok, bad = _decode_into(target, paths, patch_size, size_policy, on_bad_image)
                 target.flush()
                 del target
             write_json(out_path.with_suffix(".json"), {"paths": len(paths), "bad": bad, "ok": ok.tolist()})
         meta = json.loads(out_path.with_suffix(".json").read_text())
         array, ok, bad = np.load(out_path, mmap_mode="r"), np.asarray(meta["ok"], dtype=bool), list(meta["bad"])
+        if bad and on_bad_image == "error":  # a cache made with --skip-bad must not hide them now
+            raise BadImage(bad[0] + " (pass --skip-bad to skip unusable images)")
     if bad:
         warnings.warn(f"skipped {len(bad)} unusable image(s): " + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""), stacklevel=2)
     return ImageStore(array, np.flatnonzero(ok)), bad
 
 
 def _decode_into(
-    array: np.ndarray, paths: Sequence[str], patch_size: int, size_policy: str, on_bad_image: str, progress
+    array: np.ndarray, paths: Sequence[str], patch_size: int, size_policy: str, on_bad_image: str
 ) -> tuple[np.ndarray, list[str]]:
     ok = np.ones(len(paths), dtype=bool)
     bad: list[str] = []
@@ -135,8 +153,6 @@ def _decode_into(
 
     with ThreadPoolExecutor(_THREADS) as pool:
         for i, problem in enumerate(pool.map(work, range(len(paths)))):
-            if progress:
-                progress(1)
             if problem:
                 if on_bad_image == "error":
                     raise BadImage(problem + " (pass --skip-bad to skip unusable images)")
@@ -158,15 +174,27 @@ def _cache_path(paths: Sequence[str], patch_size: int, size_policy: str, cache_d
 
 
 def iter_batches(
-    paths: Sequence[str], batch_size: int, patch_size: int, size_policy: str = "error", prefetch: int = 2
+    paths: Sequence[str], batch_size: int, patch_size: int, size_policy: str = "error", prefetch: int = 2, on_bad_image: str = "error"
 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Stream (positions, uint8 batch) over any number of images with flat memory: a thread pool
-    decodes the next ``prefetch`` batches while the caller runs the model on this one."""
+    decodes the next ``prefetch`` batches while the caller runs the model on this one. With
+    ``on_bad_image="skip"`` unusable images are left out of their batch (and warned about)."""
     chunks = (np.arange(s, min(s + batch_size, len(paths))) for s in range(0, len(paths), batch_size))
+    bad: list[str] = []
+
+    def decode(i: int) -> np.ndarray | None:
+        try:
+            return decode_patch(paths[i], patch_size, size_policy)
+        except BadImage as err:
+            if on_bad_image == "error":
+                raise BadImage(f"{err} (pass --skip-bad to skip unusable images)") from None
+            bad.append(str(err))
+            return None
+
     with ThreadPoolExecutor(_THREADS) as pool:
 
         def submit(index: np.ndarray) -> tuple[np.ndarray, list]:
-            return index, [pool.submit(decode_patch, paths[i], patch_size, size_policy) for i in index]
+            return index, [pool.submit(decode, i) for i in index]
 
         pending = deque(submit(c) for c in islice(chunks, prefetch))
         while pending:
@@ -174,4 +202,9 @@ def iter_batches(
             nxt = next(chunks, None)
             if nxt is not None:
                 pending.append(submit(nxt))
-            yield index, torch.from_numpy(np.stack([f.result() for f in futures]))
+            arrays = [f.result() for f in futures]
+            keep = np.array([a is not None for a in arrays], dtype=bool)
+            if keep.any():
+                yield index[keep], torch.from_numpy(np.stack([a for a in arrays if a is not None]))
+    if bad:
+        warnings.warn(f"skipped {len(bad)} unusable image(s): " + "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""), stacklevel=2)

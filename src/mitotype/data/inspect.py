@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pandas as pd
 
-from mitotype.data.images import decode_all
+from mitotype.data.images import find_bad_images
 from mitotype.data.readers import ReadResult, read_dataset
 
 
@@ -15,10 +14,7 @@ def inspect_dataset(path: Path, skip_missing: bool = False, decode: bool = True,
     """Read the dataset and, with ``decode``, try every image: all problems are collected, none raised."""
     result = read_dataset(path, require_labels=False, skip_missing=skip_missing)
     if decode and len(result.manifest):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            _, bad = decode_all(result.manifest["path"].tolist(), patch_size, size_policy, on_bad_image="skip")
-        result.problems.extend(bad)
+        result.problems.extend(find_bad_images(result.manifest["path"].tolist(), patch_size, size_policy))
     return result
 
 

@@ -40,8 +40,8 @@ def finalize(df: pd.DataFrame) -> pd.DataFrame:
         raise MitotypeError("a manifest needs at least the columns 'path' and 'label'")
     df["path"] = [str(Path(p).resolve()) for p in df["path"]]
     df["label"] = df["label"].astype(int)
-    if "group" not in df:
-        df["group"] = [Path(p).stem for p in df["path"]]
+    if "group" not in df:  # no slide known: each patch is its own group (its path: unique)
+        df["group"] = df["path"]
     for name in ("domain", "split", "subtype"):
         if name not in df:
             df[name] = ""
@@ -60,14 +60,27 @@ def finalize(df: pd.DataFrame) -> pd.DataFrame:
     return df[CORE_COLUMNS + rest].reset_index(drop=True)
 
 
+def read_csv_checked(path: Path, **kwargs) -> pd.DataFrame:
+    """pandas.read_csv with its failures (empty, malformed, binary) as one-line errors."""
+    try:
+        return pd.read_csv(path, **kwargs)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
+        raise MitotypeError(f"{path}: not a readable CSV ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
+
+
 def read_manifest_csv(path: Path) -> pd.DataFrame:
     """Our own manifest format (as written to every run directory); relative paths are resolved
-    against the CSV's folder. Labels may be 0/1 or names."""
-    df = pd.read_csv(path, keep_default_na=True)
+    against the CSV's folder. Labels and expert votes may be 0/1 or names. A prediction table read
+    back keeps its ``true_label`` as the label, never the predicted one."""
+    df = read_csv_checked(path)
+    if "p_atypical" in df.columns and "label" in df.columns:
+        df = df.drop(columns=["label"]).rename(columns={"true_label": "label"})
     if "label" not in df.columns:  # unlabelled: fine for prediction, refused by training
         df["label"] = UNLABELLED
     df["path"] = [str(p) if Path(str(p)).is_absolute() else str(path.parent / str(p)) for p in df["path"]]
     df["label"] = [parse_label(v, f"{path} row {i + 2}") for i, v in enumerate(df["label"])]
+    for col in expert_columns(df):
+        df[col] = [np.nan if pd.isna(v) else float(parse_label(v, f"{path} row {i + 2} {col}")) for i, v in enumerate(df[col])]
     return finalize(df)
 
 

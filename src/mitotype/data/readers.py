@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mitotype.data.manifest import CORE_COLUMNS, UNLABELLED, finalize, parse_label, read_manifest_csv
+from mitotype.data.manifest import CORE_COLUMNS, UNLABELLED, finalize, parse_label, read_csv_checked, read_manifest_csv
 from mitotype.errors import MitotypeError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
@@ -58,15 +58,24 @@ def read_dataset(path: str | Path, require_labels: bool = True, skip_missing: bo
         return _read_split_folders(path, splits, skip_missing)
     if _class_dirs(path):
         return _read_class_folders(path, skip_missing)
-    csvs = sorted(path.glob("*.csv"))
-    if len(csvs) == 1:
-        return _read_csv_file(csvs[0], skip_missing)
+    csv = _metadata_csv(path)
+    if csv is not None:
+        return _read_csv_file(csv, skip_missing)
     if not require_labels:
         images = _images_in(path)
         if images:
             df = pd.DataFrame({"path": images, "label": UNLABELLED})
             return ReadResult(finalize(df), "unlabelled folder")
     raise MitotypeError(f"{path}: layout not understood; understood layouts: {'; '.join(LAYOUTS)}")
+
+
+def looks_like_dataset(folder: Path) -> bool:
+    """Class folders, split folders holding class folders, or a CSV: a layout the readers take."""
+    if not folder.is_dir():
+        return False
+    if _class_dirs(folder) or any(folder.glob("*.csv")):
+        return True
+    return any(d.name.lower() in SPLIT_FOLDERS and _class_dirs(d) for d in _subdirs(folder))
 
 
 def _subdirs(path: Path) -> list[Path]:
@@ -78,7 +87,18 @@ def _class_dirs(path: Path) -> dict[Path, int]:
 
 
 def _images_in(folder: Path) -> list[str]:
-    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """Image files below ``folder``; hidden files (macOS ``._x.png`` forks) are not images."""
+    return sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+
+
+def _metadata_csv(root: Path) -> Path | None:
+    """The per-patch CSV beside class folders: the only CSV, or ``metadata.csv`` among several."""
+    csvs = sorted(root.glob("*.csv"))
+    if len(csvs) <= 1:
+        return csvs[0] if csvs else None
+    if (root / "metadata.csv").is_file():
+        return root / "metadata.csv"
+    raise MitotypeError(f"{root}: several CSVs ({', '.join(c.name for c in csvs)}); name the per-patch one metadata.csv or pass a CSV path")
 
 
 def _folder_rows(root: Path) -> pd.DataFrame:
@@ -89,17 +109,15 @@ def _folder_rows(root: Path) -> pd.DataFrame:
 def _read_class_folders(root: Path, skip_missing: bool, split: str = "") -> ReadResult:
     df = _folder_rows(root)
     problems: list[str] = []
-    csvs = sorted(root.glob("*.csv"))
-    if len(csvs) > 1:
-        problems.append(f"{root}: several CSVs ({', '.join(c.name for c in csvs)}); none joined")
-    elif csvs:
-        df, found = _join_metadata(df, csvs[0], skip_missing)
+    csv = _metadata_csv(root)
+    if csv is not None:
+        df, found = _join_metadata(df, csv, skip_missing)
         problems += found
     if split:
         df["split"] = split
     if "group" not in df:
         problems.append(f"{root}: no slide information; each patch is its own group, so grouped splits cannot keep slides apart")
-    return ReadResult(finalize(df), "class folders" + (f" + {csvs[0].name}" if len(csvs) == 1 else ""), problems)
+    return ReadResult(finalize(df), "class folders" + (f" + {csv.name}" if csv else ""), problems)
 
 
 def _read_split_folders(root: Path, splits: list[Path], skip_missing: bool) -> ReadResult:
@@ -115,7 +133,7 @@ def _split_name(name: str) -> str:
 
 
 def _read_csv_file(csv_path: Path, skip_missing: bool) -> ReadResult:
-    columns = set(pd.read_csv(csv_path, nrows=0).columns)
+    columns = set(read_csv_checked(csv_path, nrows=0).columns)
     if "path" in columns:
         df, problems = _drop_missing_files(read_manifest_csv(csv_path), skip_missing, csv_path)
         return ReadResult(df, "manifest CSV", problems)
@@ -150,7 +168,7 @@ def _join_metadata(
     images: pd.DataFrame, csv_path: Path, skip_missing: bool, labels_from_csv: bool = False
 ) -> tuple[pd.DataFrame, list[str]]:
     """Join image files with a per-patch CSV on file name; votes, slide and domain come from it."""
-    meta = pd.read_csv(csv_path)
+    meta = read_csv_checked(csv_path)
     cols = list(meta.columns)
     fname = _find_column(cols, "filename", "file", "image", "image_name", "file_name")
     if fname is None:

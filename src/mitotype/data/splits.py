@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from mitotype.data.manifest import read_csv_checked
 from mitotype.errors import MitotypeError
 
 
@@ -46,24 +48,64 @@ def train_val_split(df: pd.DataFrame, val_fraction: float, seed: int = 42) -> tu
 
 
 def read_split_file(path: Path, df: pd.DataFrame) -> np.ndarray:
-    """An explicit split: CSV with ``fold`` (int) or ``split`` (train/val/test) per ``path`` or ``group``."""
+    """An explicit split, by ``path`` (relative to the split file) or ``group``:
+    - a ``fold`` column (integers 0..K-1): K-fold cross-validation on those folds;
+    - a ``split`` column (train / val / test): one model, held out on ``test``; train and val rows
+      get fold -1, meaning never held out.
+    """
     if not path.is_file():
         raise MitotypeError(f"{path}: split file not found")
-    table = pd.read_csv(path)
+    table = read_csv_checked(path)
     key = "path" if "path" in table else "group" if "group" in table else None
     value = "fold" if "fold" in table else "split" if "split" in table else None
     if key is None or value is None:
         raise MitotypeError(f"{path}: a split file needs a 'path' or 'group' column and a 'fold' or 'split' column")
+    if table[value].isna().any():
+        raise MitotypeError(f"{path}: row {int(table.index[table[value].isna()][0]) + 2} has no {value}")
     if key == "path":
-        table["path"] = [str(Path(p).resolve()) for p in table["path"]]
+        table["path"] = [str(p if Path(str(p)).is_absolute() else (path.parent / str(p)).resolve()) for p in table["path"]]
+    table[key] = table[key].astype(str)
+    conflicting = table.groupby(key)[value].nunique()
+    if (conflicting > 1).any():
+        raise MitotypeError(f"{path}: {key} '{conflicting[conflicting > 1].index[0]}' is given two different {value}s")
     mapping = dict(zip(table[key], table[value]))
-    missing = [v for v in df[key] if v not in mapping]
+    missing = [v for v in df[key].astype(str) if v not in mapping]
     if missing:
-        raise MitotypeError(f"{path}: {len(missing)} {key}(s) of the data have no split, e.g. {missing[0]}")
-    assigned = df[key].map(mapping)
+        raise MitotypeError(f"{path}: {len(missing)} {key}(s) of the data have no {value}, e.g. {missing[0]}")
+    assigned = df[key].astype(str).map(mapping)
     if value == "split":
-        names = sorted(set(assigned))
-        assigned = assigned.map({name: i for i, name in enumerate(names)})
-    folds = assigned.to_numpy(dtype=int)
+        names = {str(v).strip().lower() for v in assigned}
+        if not names <= {"train", "val", "test"} or "test" not in names:
+            raise MitotypeError(f"{path}: split values must be train, val or test, with some test rows (found {', '.join(sorted(names))})")
+        folds = np.where(assigned.astype(str).str.strip().str.lower() == "test", 0, -1)
+    else:
+        try:
+            folds = assigned.astype(int).to_numpy()
+        except (TypeError, ValueError):
+            raise MitotypeError(f"{path}: fold values must be integers 0..K-1") from None
+        if sorted(set(folds)) != list(range(folds.max() + 1)):
+            raise MitotypeError(f"{path}: folds must be numbered 0..K-1 without gaps (found {sorted(set(folds))})")
+    labels = df["label"].to_numpy()
+    for fold in range(folds.max() + 1):
+        if len(np.unique(labels[folds == fold])) < 2:
+            raise MitotypeError(f"{path}: held-out fold {fold} has only one class")
     assert_disjoint(df, folds)
     return folds
+
+
+def training_rows(df: pd.DataFrame) -> np.ndarray:
+    """Rows a model may learn from: all but a layout's ``test`` split, which is set aside with a
+    warning so that ``train``/``cv`` on a split-folder dataset never see its test patches."""
+    test = (df["split"] == "test").to_numpy()
+    if test.any():
+        warnings.warn(f"{int(test.sum())} patch(es) of the data's test split set aside: not trained on, not cross-validated", stacklevel=2)
+        shared = set(df.loc[test, "group"]) & set(df.loc[~test, "group"])
+        if shared:
+            warnings.warn(f"{len(shared)} group(s) appear in both the test split and the rest, e.g. '{sorted(shared)[0]}'", stacklevel=2)
+    return np.flatnonzero(~test)
+
+
+def evaluation_rows(df: pd.DataFrame) -> np.ndarray:
+    """The layout's ``test`` split when there is one (scoring train rows would flatter a model), else every row."""
+    test = (df["split"] == "test").to_numpy()
+    return np.flatnonzero(test) if test.any() else np.arange(len(df))

@@ -40,21 +40,18 @@ def write_benchmark(out: Path, recipe: str, results: list[dict], cv_summary: dic
 
 
 def run_benchmark(cfg, train_data: Path, tests: list[tuple[str, Path]], folds: int, out: Path, resume: bool = False, tta: bool = False) -> str:
-    """Check every test set first (before hours of training), cross-validate, score, tabulate."""
-    from mitotype.data.manifest import require_labels
-    from mitotype.data.readers import read_dataset
-    from mitotype.inference.predict import load_models, predict_manifest
+    """Read and decode every test set first (a bad image stops the run before hours of training),
+    cross-validate, then score each decoded test set with every fold model."""
+    from mitotype.training.loop import predict_rows
+    from mitotype.inference.predict import load_models
     from mitotype.training.runs import cross_validate, load_dataset
 
-    test_sets = []
-    for name, path in tests:
-        df = read_dataset(path).manifest
-        require_labels(df, f"--test {name}")
-        test_sets.append((name, df))
+    test_sets = [(name, load_dataset(path, cfg)) for name, path in tests]
     summary = cross_validate(cfg, load_dataset(train_data, cfg), folds, out, resume=resume)
     models, device = load_models(out, cfg.train.device)
     results = []
-    for name, df in test_sets:
-        per_fold = [predict_manifest([m], df, tta=tta, device=device) for m in models]
-        results.append(score_test_set(name, df["label"].to_numpy(), per_fold, [m.threshold for m in models]))
+    for name, ds in test_sets:
+        rows = np.arange(len(ds.manifest))
+        per_fold = [predict_rows([m.model], ds.store, rows, device, cfg.train.eval_batch_size, tta=tta) for m in models]
+        results.append(score_test_set(name, ds.manifest["label"].to_numpy(), per_fold, [m.threshold for m in models]))
     return write_benchmark(out, cfg.recipe, results, summary)

@@ -8,6 +8,7 @@ from typing import Callable
 from mitotype._io import write_csv
 from mitotype.data.manifest import require_labels
 from mitotype.data.readers import read_dataset
+from mitotype.data.splits import evaluation_rows
 from mitotype.evaluation.report import write_evaluation
 from mitotype.inference.predict import ensemble_threshold, load_models, predict_manifest, prediction_table
 
@@ -15,15 +16,17 @@ from mitotype.inference.predict import ensemble_threshold, load_models, predict_
 def evaluate_model(
     model_path: Path, data: Path, out_dir: Path, tta: bool = False, threshold: float | None = None,
     skip_missing: bool = False, device: str = "auto", n_boot: int = 1000, progress: Callable[[int], None] | None = None,
-    size_policy: str | None = None,
+    size_policy: str | None = None, skip_bad: bool = False,
 ) -> tuple[dict, int]:
     """Writes predictions.csv, metrics.json, roc.png, confusion.png; returns (metrics, n_models)."""
     models, dev = load_models(model_path, device)
     df = read_dataset(data, skip_missing=skip_missing).manifest
+    df = df.iloc[evaluation_rows(df)].reset_index(drop=True)
     require_labels(df, str(data))
     t = ensemble_threshold(models, threshold)
-    p = predict_manifest(models, df, tta=tta, device=dev, progress=progress, size_policy=size_policy)
+    p = predict_manifest(models, df, tta=tta, device=dev, progress=progress, size_policy=size_policy, skip_bad=skip_bad)
     write_csv(out_dir / "predictions.csv", prediction_table(df, p, t))
-    scored = df.assign(p_atypical=p)[["label", "p_atypical", "domain"]]
+    scored = df.assign(p_atypical=p)[["label", "p_atypical", "domain"]].dropna(subset=["p_atypical"])  # skipped images
+    require_labels(scored, f"{data} (after skipping unusable images)")
     metrics = write_evaluation(scored, out_dir, threshold=t, n_boot=n_boot, title=f"{Path(model_path).name} on {Path(data).name}")
     return metrics, len(models)

@@ -36,7 +36,6 @@ METRIC_NAMES = (
     "f1",
     "accuracy",
 )
-RANKING_METRICS = ("roc_auc", "average_precision")  # need both classes; threshold-free
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,9 +48,9 @@ def evaluate_predictions(df: pd.DataFrame, threshold: float = 0.5, n_boot: int =
     threshold = check_threshold(threshold)
     out: dict[str, Any] = binary_metrics(y, p, threshold)
     out["ci95"] = bootstrap_intervals(y, p, threshold, n_boot=n_boot, seed=seed)
-    if "domain" in df.columns and df["domain"].notna().any():
+    known = (df["domain"].notna() & (df["domain"].astype(str) != "")).to_numpy() if "domain" in df.columns else None
+    if known is not None and known.any():  # the manifest spells an unknown domain ""
         per_domain: dict[str, Any] = {}
-        known = df["domain"].notna().to_numpy()
         names = np.array([str(d) for d in df["domain"]], dtype=object)
         for name in sorted(set(names[known])):
             mask = known & (names == name)

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from mitotype.errors import MitotypeError
 from mitotype.transforms.augment import dihedral_views
 
 
@@ -37,9 +38,15 @@ def predict_batch(
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        from mitotype.errors import MitotypeError
-
-        raise MitotypeError(f"device '{name}': CUDA is not available on this machine (use --device cpu)")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MitotypeError(f"device '{name}': expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MitotypeError(f"device '{name}': CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MitotypeError(f"device '{name}': this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise MitotypeError(f"device '{name}': expected auto, cpu, cuda or cuda:N")
     return device

@@ -25,9 +25,11 @@ def predict_manifest(
     device: torch.device | None = None,
     progress: Callable[[int], None] | None = None,
     size_policy: str | None = None,
+    skip_bad: bool = False,
 ) -> np.ndarray:
-    """Mean p_atypical of ``models`` (one, or the fold ensemble) for each manifest row.
-    ``size_policy`` (error | center-crop | resize) overrides the models' for other-sized patches."""
+    """Mean p_atypical of ``models`` (one, or the fold ensemble) for each manifest row; NaN for
+    images skipped with ``skip_bad``. ``size_policy`` (error | center-crop | resize) overrides the
+    models' for other-sized patches."""
     if not models:
         raise MitotypeError("no model to predict with")
     device = device or torch.device("cpu")
@@ -36,9 +38,10 @@ def predict_manifest(
         raise MitotypeError(f"ensemble members expect different patch sizes: {sorted(sizes)}")
     patch_size, policy = sizes.pop()
     policy = size_policy or policy
-    p = np.empty(len(manifest), dtype=np.float64)
+    p = np.full(len(manifest), np.nan)
     nets = [m.model for m in models]
-    for index, batch in iter_batches(manifest["path"].tolist(), batch_size, patch_size, policy):
+    batches = iter_batches(manifest["path"].tolist(), batch_size, patch_size, policy, on_bad_image="skip" if skip_bad else "error")
+    for index, batch in batches:
         p[index] = predict_batch(nets, batch, device, tta=tta).numpy()
         if progress:
             progress(len(index))
@@ -48,7 +51,8 @@ def predict_manifest(
 def prediction_table(manifest: pd.DataFrame, p: np.ndarray, threshold: float) -> pd.DataFrame:
     """``path, p_atypical, label`` (the predicted class name) first, then every input column; a
     known true label is kept as ``true_label``."""
-    out = pd.DataFrame({"path": manifest["path"], "p_atypical": p, "label": np.where(p >= threshold, LABEL_NAMES[1], LABEL_NAMES[0])})
+    label = np.where(np.isnan(p), "", np.where(p >= threshold, LABEL_NAMES[1], LABEL_NAMES[0]))  # "": skipped image
+    out = pd.DataFrame({"path": manifest["path"].to_numpy(), "p_atypical": p, "label": label})
     rest = manifest.drop(columns=["path"]).rename(columns={"label": "true_label"})
     if (rest["true_label"] == UNLABELLED).all():
         rest = rest.drop(columns=["true_label"])
@@ -72,6 +76,7 @@ def ensemble_threshold(models: list[LoadedModel], override: float | None = None)
 def predict_path(
     model_path: Path, inputs: Path, out_csv: Path, tta: bool = False, threshold: float | None = None,
     skip_missing: bool = False, device: str = "auto", progress: Callable[[int], None] | None = None, size_policy: str | None = None,
+    skip_bad: bool = False,
 ) -> pd.DataFrame:
     """Read INPUT (folder or manifest, labels optional), predict with the model or fold ensemble,
     write the prediction table atomically and return it."""
@@ -83,6 +88,6 @@ def predict_path(
     if df.empty:
         raise MitotypeError(f"{inputs}: no images found")
     t = ensemble_threshold(models, threshold)
-    table = prediction_table(df, predict_manifest(models, df, tta=tta, device=dev, progress=progress, size_policy=size_policy), t)
+    table = prediction_table(df, predict_manifest(models, df, tta=tta, device=dev, progress=progress, size_policy=size_policy, skip_bad=skip_bad), t)
     write_csv(out_csv, table)
     return table

@@ -67,20 +67,11 @@ def _weights_path(variant: str) -> str:
 
 def _load_source(variant: str) -> dict[str, torch.Tensor]:
     """Read the packaged state dict without unpickling arbitrary objects."""
-    import torch
+    from pathlib import Path
 
-    path = _weights_path(variant)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt/truncated file or unexpected pickle content
-        raise MitotypeError(f"cannot read {variant} weights {path}: {exc}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise MitotypeError(f"{variant} weights {path} are not a tensor state dict")
-    return dict(state)
+    from mitotype.models.state_dict import read_state_dict
+
+    return read_state_dict(Path(_weights_path(variant)))
 
 
 def _target_shapes(arch: str) -> dict[str, torch.Size]:

@@ -15,6 +15,7 @@ from torch import nn
 
 from mitotype.errors import MitotypeError
 from mitotype.models.lite_weights import LITE_VARIANTS, load_lite_weights
+from mitotype.models.state_dict import read_state_dict
 
 SOURCES = ("none", "hub", "file:PATH", *LITE_VARIANTS)
 
@@ -81,20 +82,3 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
     if missing:
         raise MitotypeError(f"{path}: {len(missing)} backbone tensor(s) missing or of another shape, e.g. {missing[0]}")
     model.load_state_dict(usable, strict=False)
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Never unpickle code: safetensors, or torch.load with weights_only=True."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any decoding failure is the file's fault
-        raise MitotypeError(f"{path}: not a readable weights file ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise MitotypeError(f"{path}: expected a dict of tensors (a state dict)")
-    return state

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mitotype._io import atomic_path, write_csv, write_text
-from mitotype.config import Config, dump_config
+from mitotype._io import atomic_path, write_csv
+from mitotype.config import Config, record_config
 from mitotype.data.images import ImageStore
 from mitotype.evaluation.metrics import best_threshold, binary_metrics
 from mitotype.inference.engine import predict_batch, resolve_device, to_input
@@ -39,6 +40,7 @@ class FitResult:
     history: list[dict[str, Any]]
     threshold: float
     val_predictions: pd.DataFrame | None
+    val_metrics: dict[str, Any]
     seconds: float
 
 
@@ -100,13 +102,17 @@ def fit(
     """
     t, run_dir = cfg.train, Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", dump_config(cfg))
+    record_config(run_dir / "config.yaml", cfg, resume)
     device = resolve_device(t.device)
     on_cuda = device.type == "cuda"
     seed_everything(t.seed)
     if not on_cuda:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
+    if val_idx is None or not len(val_idx):
+        for setting, active in (("train.threshold=auto", t.threshold == "auto"), (f"train.patience={t.patience}", t.patience > 0)):
+            if active:
+                warnings.warn(f"{setting} needs validation rows (data.val_fraction, --val or a val/ split); ignored", stacklevel=2)
     labels = manifest["label"].to_numpy()
     train_labels = labels[train_idx]
     model = create_model(cfg.model).to(device)
@@ -122,7 +128,7 @@ def fit(
     augment_gen = torch.Generator().manual_seed(t.seed + 2)
     targets_all = {col: torch.as_tensor(manifest[col].to_numpy().astype(np.int64)) for col in {h.target for h in model.head_specs.values()}}
 
-    start_epoch, history = 0, []
+    start_epoch, history, best_state = 0, [], None
     best = {"score": -1.0, "epoch": -1, "bad_epochs": 0}
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     if resume and ckpt_path.is_file():
@@ -137,7 +143,7 @@ def fit(
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         start_epoch, history, best = state["epoch"], state["history"], state["best"]
         console.log(f"resumed {run_dir} at epoch {start_epoch}/{t.epochs}")
-    best_state = _load_best(run_dir) if best["epoch"] >= 0 else None
+        best_state = state.get("best_model")
 
     started = time.perf_counter()
     progress = progress_bar("patches", show_progress, extra="loss")
@@ -175,14 +181,13 @@ def fit(
                 if metrics["balanced_accuracy"] > best["score"]:
                     best = {"score": metrics["balanced_accuracy"], "epoch": epoch + 1, "bad_epochs": 0}
                     best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                    _save_best(run_dir, best_state)
                 else:
                     best["bad_epochs"] += 1
             history.append(record)
             progress.update(task, description=f"epoch {epoch + 1}/{t.epochs}", loss=_describe(record))
             save_checkpoint(ckpt_path, {
                 "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "best": best, "history": history,
+                "scheduler": scheduler.state_dict(), "best": best, "best_model": best_state, "history": history,
                 "rng": {"torch": torch.get_rng_state(), "sampler": sample_gen.get_state(), "augment": augment_gen.get_state(),
                         "cuda": torch.cuda.get_rng_state_all() if on_cuda else []},
             })
@@ -220,7 +225,7 @@ def _finish(cfg, manifest, store, run_dir, model, history, train_idx, val_idx, d
         "epochs": len(history),
     }
     save_model(model, cfg, run_dir, threshold, trained_on, {"validation": val_metrics} if val_metrics else {})
-    return FitResult(model, history, threshold, val_predictions, seconds)
+    return FitResult(model, history, threshold, val_predictions, val_metrics, seconds)
 
 
 def is_complete(run_dir: Path) -> bool:
@@ -239,14 +244,3 @@ def _save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
 
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-
-
-def _save_best(run_dir: Path, state: dict[str, torch.Tensor]) -> None:
-    _save_weights(run_dir / "checkpoints" / "best.safetensors", state)
-
-
-def _load_best(run_dir: Path) -> dict[str, torch.Tensor] | None:
-    from safetensors.torch import load_file
-
-    path = run_dir / "checkpoints" / "best.safetensors"
-    return load_file(str(path)) if path.is_file() else None

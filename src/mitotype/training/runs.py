@@ -9,18 +9,19 @@ A run directory is the unit of reuse: ``config.yaml``, ``manifest.csv``, per-mod
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from mitotype._io import write_csv, write_json, write_text
-from mitotype.config import Config, dump_config
+from mitotype._io import write_csv, write_json
+from mitotype.config import Config, record_config
 from mitotype.data.images import ImageStore, decode_all
 from mitotype.data.manifest import require_labels
 from mitotype.data.readers import read_dataset
-from mitotype.data.splits import grouped_folds, read_split_file, train_val_split
+from mitotype.data.splits import grouped_folds, read_split_file, train_val_split, training_rows
 from mitotype.errors import MitotypeError
 from mitotype.evaluation.metrics import METRIC_NAMES, best_threshold, binary_metrics, summarize_folds
 from mitotype.evaluation.report import write_evaluation
@@ -37,17 +38,27 @@ class Dataset:
     store: ImageStore
     problems: list[str]
 
+    def subset(self, index: np.ndarray) -> "Dataset":
+        return Dataset(self.manifest.iloc[index].reset_index(drop=True), self.store.subset(index), self.problems)
 
-def load_dataset(path: str | Path, cfg: Config, skip_missing: bool = False, require_labelled: bool = True) -> Dataset:
-    """Read, check and decode a dataset once; unusable images are an error, or skipped if asked."""
-    read = read_dataset(path, require_labels=require_labelled, skip_missing=skip_missing)
-    if require_labelled:
-        require_labels(read.manifest, str(path))
+
+def load_dataset(path: str | Path, cfg: Config, skip_missing: bool = False) -> Dataset:
+    """Read, check and decode a labelled dataset once; unusable images are an error, or skipped if asked."""
+    read = read_dataset(path, skip_missing=skip_missing)
+    for problem in read.problems:  # e.g. no slide information: the user must hear it before training
+        warnings.warn(problem, stacklevel=2)
+    require_labels(read.manifest, str(path))
     store, bad = decode_all(read.manifest["path"].tolist(), cfg.data.patch_size, cfg.data.size_policy, cfg.data.on_bad_image, cfg.data.cache_dir)
     manifest = read.manifest.iloc[store.rows].reset_index(drop=True)
-    if require_labelled and bad:
+    if bad:
         require_labels(manifest, f"{path} (after skipping {len(bad)} bad image(s))")
     return Dataset(manifest, store, read.problems + bad)
+
+
+def learnable(data: Dataset) -> Dataset:
+    """The dataset without its layout's test split (see :func:`training_rows`)."""
+    rows = training_rows(data.manifest)
+    return data if len(rows) == len(data.manifest) else data.subset(rows)
 
 
 def _prepare_dir(out: Path, resume: bool) -> None:
@@ -60,6 +71,7 @@ def train(cfg: Config, data: Dataset, out: Path, resume: bool = False, val: Data
     """One model. Validation rows: a separate dataset, the manifest's ``val`` split, or a grouped
     hold-out of ``data.val_fraction``; none if none of these is given."""
     _prepare_dir(out, resume)
+    data = learnable(data)
     manifest, store = data.manifest, data.store
     if val is not None:
         manifest = pd.concat([manifest, val.manifest], ignore_index=True)
@@ -77,9 +89,19 @@ def train(cfg: Config, data: Dataset, out: Path, resume: bool = False, val: Data
     summary = {"recipe": cfg.recipe, "seconds": round(result.seconds, 1), "epochs": len(result.history), "threshold": result.threshold}
     if result.val_predictions is not None:
         write_csv(out / "val_predictions.csv", result.val_predictions)
-        summary["validation"] = binary_metrics(result.val_predictions["label"].to_numpy(), result.val_predictions["p_atypical"].to_numpy(), result.threshold)
+        summary["validation"] = result.val_metrics
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _record_splits(path: Path, table: pd.DataFrame, resume: bool) -> None:
+    """On resume, finished folds are reused only if every patch keeps its fold."""
+    if resume and path.is_file():
+        old = pd.read_csv(path, usecols=["path", "fold"])
+        if dict(zip(old["path"], old["fold"])) != dict(zip(table["path"], table["fold"])):
+            raise MitotypeError(f"{path}: --resume with other folds (changed data, --folds, split seed or split file); start a new run")
+        return
+    write_csv(path, table)
 
 
 def cross_validate(
@@ -88,11 +110,12 @@ def cross_validate(
     """K grouped folds: K models, out-of-fold predictions, per-fold and mean ± sd metrics."""
     _prepare_dir(out, resume)
     started = time.perf_counter()
+    data = learnable(data)
     manifest, store = data.manifest, data.store
     fold_of = read_split_file(split_file, manifest) if split_file else grouped_folds(manifest, folds, cfg.data.split_seed)
     k = int(fold_of.max()) + 1
-    write_text(out / "config.yaml", dump_config(cfg))
-    write_csv(out / "splits.csv", manifest.assign(fold=fold_of))
+    record_config(out / "config.yaml", cfg, resume)
+    _record_splits(out / "splits.csv", manifest.assign(fold=fold_of), resume)
     device = resolve_device(cfg.train.device)
     p_oof = np.full(len(manifest), np.nan)
     fold_metrics, thresholds, fold_seconds = [], [], []
@@ -121,23 +144,24 @@ def cross_validate(
         fold_seconds.append(round(time.perf_counter() - tic, 1))
         console.log(f"fold {fold}: balanced accuracy {metrics['balanced_accuracy']:.3f} · AUROC {metrics['roc_auc'] or float('nan'):.3f}")
 
-    oof = manifest.assign(fold=fold_of, p_atypical=p_oof)
+    oof = manifest.assign(fold=fold_of, p_atypical=p_oof)[fold_of >= 0]  # fold -1: never held out
     write_csv(out / "oof_predictions.csv", oof)
     oof_threshold = float(np.mean(thresholds))
     pooled = write_evaluation(oof[["label", "p_atypical", "domain"]], out / "oof", threshold=oof_threshold, n_boot=n_boot, title=f"{cfg.recipe}: out-of-fold")
-    y = oof["label"].to_numpy()
+    y, p_oof = oof["label"].to_numpy(), oof["p_atypical"].to_numpy()
     tuned = best_threshold(y, p_oof)
+    spread = summarize_folds(fold_metrics)
     summary = {
         "recipe": cfg.recipe,
         "folds": k,
-        "n": int(len(manifest)),
+        "n": int(len(oof)),
         "n_atypical": int((y == 1).sum()),
         "groups": int(manifest["group"].nunique()),
         "split_seed": cfg.data.split_seed,
-        "mean": {m: v["mean"] for m, v in summarize_folds(fold_metrics).items()},
-        "sd": {m: v["sd"] for m, v in summarize_folds(fold_metrics).items()},
+        "mean": {m: v["mean"] for m, v in spread.items()},
+        "sd": {m: v["sd"] for m, v in spread.items()},
         "per_fold": [{"fold": i, "threshold": thresholds[i], "seconds": fold_seconds[i], **{m: fold_metrics[i][m] for m in METRIC_NAMES}, "n": fold_metrics[i]["n"]} for i in range(k)],
-        "out_of_fold": {m: pooled[m] for m in (*METRIC_NAMES, "threshold")},
+        "out_of_fold": {m: pooled[m] for m in (*METRIC_NAMES, "threshold")},  # pooled at the folds' mean threshold
         "out_of_fold_ci95": pooled.get("ci95", {}),
         "out_of_fold_best_threshold": {"threshold": tuned, **{m: binary_metrics(y, p_oof, tuned)[m] for m in METRIC_NAMES}},
         "wall_seconds": round(time.perf_counter() - started, 1),

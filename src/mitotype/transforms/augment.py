@@ -174,44 +174,19 @@ class BatchAugment(torch.nn.Module):
             )
         if b == 0 or cfg.is_identity:
             return x
-        # Work on (b, 3, n) pixel lists; geometry may leave the pixels in strip order (see
-        # _strips), which the per-pixel colour ops do not care about.
-        flat, owned, strips = x.reshape(b, c, h * w), False, 1
+        # Work on (b, 3, h*w) pixel lists: the colour ops are per pixel.
+        flat, owned = x.reshape(b, c, h * w), False
         if cfg.geometry_on:
-            strips = self._strips(x)
             theta, smooth = self.sample_geometry(b, h, w, generator)
-            flat = self._warp(x, theta.to(device=x.device, dtype=x.dtype), smooth, strips)
+            flat = self._warp(x, theta.to(device=x.device, dtype=x.dtype), smooth)
             owned = True
         if cfg.colour_on:
             flat, owned = self._colour(flat, generator, owned)
         if not owned:  # nothing was changed (no geometry; the colour mask picked no sample)
             return x
-        if strips == 1:
-            return flat.clamp_(0.0, 1.0).view(b, c, h, w)
-        # clamp and put the strips back in place in one pass
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        sw = w // strips
-        src = flat.view(b, c, strips, h, sw).permute(0, 1, 3, 2, 4)
-        torch.clamp(src, 0.0, 1.0, out=out.view(b, c, h, strips, sw))
-        return out
+        return flat.clamp_(0.0, 1.0).view(b, c, h, w)
 
     # ----------------------------------------------------------------------------- geometry
-    #: Output column strip width for grid_sample on CPU (see _strips).
-    STRIP_WIDTH = 16
-
-    def _strips(self, x: torch.Tensor) -> int:
-        """How many column strips to resample the output in.
-
-        grid_sample walks the output row by row; once rotated, one output row reads a slanted line
-        across many input rows of all 3 channels, more than fits in a CPU's L1 cache, and
-        resampling gets about 2x slower. Narrow strips (output rows STRIP_WIDTH pixels long,
-        stacked vertically) keep the working set small. GPUs don't need it.
-        """
-        w = x.shape[3]
-        if x.device.type != "cpu" or w % self.STRIP_WIDTH or w < 2 * self.STRIP_WIDTH:
-            return 1
-        return w // self.STRIP_WIDTH
-
     def sample_geometry(self, b: int, h: int, w: int, g: torch.Generator) -> tuple[torch.Tensor, bool]:
         """Draw one affine map per sample: ``theta`` ``(b, 2, 3)`` float64 on the generator's device,
         mapping output to input normalised coordinates (``F.affine_grid`` convention,
@@ -241,10 +216,11 @@ class BatchAugment(torch.nn.Module):
         theta = torch.cat([a, t.unsqueeze(2)], dim=2)
         return theta, cfg.rotate_degrees > 0 or cfg.crop_on
 
-    def _warp(self, x: torch.Tensor, theta: torch.Tensor, smooth: bool, strips: int) -> torch.Tensor:
-        """One grid_sample for the batch; returns ``(b, 3, h*w)`` pixels in strip order."""
+    def _warp(self, x: torch.Tensor, theta: torch.Tensor, smooth: bool) -> torch.Tensor:
+        """One grid_sample for the whole batch; returns ``(b, 3, h*w)``."""
         b, c, h, w = x.shape
-        grid = affine_grid(theta, h, w, strips=strips, out=self._scratch("grid", (b, strips, h, 2, w // strips), x))
+        x = x.contiguous()  # so that the output is contiguous too
+        grid = affine_grid(theta, h, w, out=self._scratch("grid", (b, h, 2, w), x))
         out = F.grid_sample(
             x, grid, mode="bilinear" if smooth else "nearest", padding_mode="reflection", align_corners=False
         )
@@ -323,7 +299,10 @@ class BatchAugment(torch.nn.Module):
             z = x.clamp_min_(_EPS) if owned else x.clamp_min(_EPS)
             z.log_()
             if jitter is None:
-                return torch.baddbmm((log_gain * _LOG2E).to(dev, dt), a2.to(dev, dt), z).exp2_()
+                log2_rgb = torch.baddbmm(
+                    (log_gain * _LOG2E).to(dev, dt), a2.to(dev, dt), z, out=self._scratch("stain", tuple(z.shape), z)
+                )
+                return torch.exp2(log2_rgb, out=z)
             flat = torch.bmm(a2.to(dev, dt), z, out=self._scratch("stain", tuple(z.shape), z))
             flat.exp2_()  # the stained image is gain * flat
             spare = z
@@ -341,28 +320,22 @@ class BatchAugment(torch.nn.Module):
         return torch.bmm(m, flat, out=spare)
 
 
-def affine_grid(
-    theta: torch.Tensor, h: int, w: int, *, strips: int = 1, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def affine_grid(theta: torch.Tensor, h: int, w: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """``F.affine_grid(theta, (B, C, h, w), align_corners=False)``, several times faster on CPU.
 
     Built by broadcasting a row term and a column term (inner loop over W) instead of a batched
     matmul of the full base grid; returned as a non-contiguous ``(B, h, w, 2)`` view, which
-    ``grid_sample`` accepts. With ``strips = k`` (dividing ``w``) the output columns are cut into
-    k strips stacked vertically: shape ``(B, k*h, w/k, 2)``, strip ``s`` holding columns
-    ``s*w/k .. (s+1)*w/k - 1``. ``out``, if given, is a ``(B, k, h, 2, w/k)`` buffer to fill.
+    ``grid_sample`` accepts. ``out``, if given, is a ``(B, h, 2, w)`` buffer to fill.
     """
-    if w % strips:
-        raise ValueError(f"affine_grid: {strips} strips do not divide width {w}")
-    b, sw = theta.shape[0], w // strips
+    b = theta.shape[0]
     xs = torch.linspace(-1.0 + 1.0 / w, 1.0 - 1.0 / w, w, device=theta.device, dtype=theta.dtype)
     ys = torch.linspace(-1.0 + 1.0 / h, 1.0 - 1.0 / h, h, device=theta.device, dtype=theta.dtype)
-    col = theta[:, None, :, 0, None] * xs.view(strips, 1, sw)  # (B, k, 2, sw)
+    col = theta[:, :, 0, None] * xs  # (B, 2, w)
     row = theta[:, :, 1, None] * ys + theta[:, :, 2, None]  # (B, 2, h)
     if out is None:
-        out = torch.empty(b, strips, h, 2, sw, device=theta.device, dtype=theta.dtype)
-    grid = torch.add(col[:, :, None], row.transpose(1, 2)[:, None, :, :, None], out=out)  # (B, k, h, 2, sw)
-    return grid.transpose(3, 4).view(b, strips * h, sw, 2)
+        out = torch.empty(b, h, 2, w, device=theta.device, dtype=theta.dtype)
+    torch.add(col[:, None, :, :], row.transpose(1, 2)[:, :, :, None], out=out)  # (B, h, 2, w)
+    return out.transpose(2, 3)
 
 
 def _rotation(cos: torch.Tensor, sin: torch.Tensor, aspect: float) -> torch.Tensor:
