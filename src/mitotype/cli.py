@@ -51,9 +51,10 @@ def data_inspect(
     skip_missing: bool = SkipMissingOpt,
     decode: bool = typer.Option(True, help="Decode every image to find unreadable ones."),
     patch_size: int = typer.Option(128, help="Expected patch size in px."),
+    per_group: bool = typer.Option(False, "--per-group", help="List every group (slide) with its counts."),
 ) -> None:
     """Counts per class, group and domain, and every problem found."""
-    from mitotype.data.inspect import class_counts, domain_counts, inspect_dataset
+    from mitotype.data.inspect import class_counts, domain_counts, group_counts, inspect_dataset
 
     result = inspect_dataset(_existing(path, "dataset"), skip_missing, decode, patch_size)
     df = result.manifest
@@ -66,6 +67,8 @@ def data_inspect(
     if len(df):
         sizes = df.groupby("group").size()
         out.print(f"patches per group: min {sizes.min()}, median {int(sizes.median())}, max {sizes.max()}")
+    if per_group:
+        out.print(_table(("group", "patches", "atypical", "domain"), group_counts(df)))
     if result.problems:
         out.print(f"[yellow]{len(result.problems)} problem(s):[/yellow]")
         for line in result.problems:

@@ -32,3 +32,9 @@ def domain_counts(df: pd.DataFrame) -> list[tuple[str, int, int, int]]:
     """(domain, patches, atypical, groups) per known domain."""
     known = df[df["domain"] != ""]
     return [(str(d), len(p), int((p["label"] == 1).sum()), p["group"].nunique()) for d, p in known.groupby("domain")]
+
+
+def group_counts(df: pd.DataFrame) -> list[tuple[str, int, int, str]]:
+    """(group, patches, atypical, domain) per group, largest first."""
+    rows = [(str(g), len(p), int((p["label"] == 1).sum()), ",".join(sorted(set(p["domain"]) - {""}))) for g, p in df.groupby("group")]
+    return sorted(rows, key=lambda r: (-r[1], r[0]))

@@ -8,6 +8,7 @@ clip, step, schedule; validate; checkpoint. The best (or last) weights become th
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 import warnings
@@ -220,6 +221,7 @@ def _finish(cfg, manifest, store, run_dir, model, history, train_idx, val_idx, d
         val_predictions = manifest.iloc[val_idx].assign(p_atypical=p)
     train_rows = manifest.iloc[train_idx]
     trained_on = {
+        "source": os.path.commonpath(train_rows["path"].tolist()) if len(train_rows) else "",
         "n": int(len(train_rows)), "n_atypical": int((train_rows["label"] == 1).sum()),
         "groups": int(train_rows["group"].nunique()), "domains": sorted(d for d in train_rows["domain"].unique() if d),
         "epochs": len(history),
