@@ -88,12 +88,12 @@ def test_train_and_inspect(tmp_path: Path) -> None:
     result = mitotype("data", "inspect", str(data), "--patch-size", "32", "--per-group")
     assert result.returncode == 0 and "DOM_A" in result.stdout and "no problems found" in result.stdout
     assert "DOM_A/000.tiff" in result.stdout  # the per-group table
-    (data / "Normal" / "N_005.png").write_bytes(b"broken")
-    result = mitotype("data", "inspect", str(data), "--patch-size", "32")
-    assert result.returncode == 0 and "1 problem(s)" in result.stdout and "N_005.png" in result.stdout
     result = mitotype("train", "--data", str(data), "--out", str(tmp_path / "run"), *sets("train.epochs=1", "data.val_fraction=0.3"))
     assert result.returncode == 0, result.stderr
     assert "validation: balanced accuracy" in result.stdout and (tmp_path / "run" / "model.json").is_file()
+    (data / "Normal" / "N_005.png").write_bytes(b"broken")
+    result = mitotype("data", "inspect", str(data), "--patch-size", "32")
+    assert result.returncode == 0 and "1 problem(s)" in result.stdout and "N_005.png" in result.stdout
 
 
 def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
