@@ -107,7 +107,7 @@ def fit(
     device = resolve_device(t.device)
     on_cuda = device.type == "cuda"
     seed_everything(t.seed)
-    if not on_cuda:
+    if t.deterministic_algorithms:  # CPU kernels are already deterministic at a fixed thread count
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     if val_idx is None or not len(val_idx):
