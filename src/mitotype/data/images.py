@@ -26,6 +26,9 @@ from mitotype._io import atomic_path, write_json
 from mitotype.errors import MitotypeError
 
 _THREADS = max(1, min(8, os.cpu_count() or 1))
+# While streaming, the model's own threads use the cores; decoding (under a millisecond a patch)
+# needs few threads beside them, and more only fight the model for the same cores.
+_STREAM_THREADS = max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 class BadImage(MitotypeError):
@@ -191,7 +194,7 @@ def iter_batches(
             bad.append(str(err))
             return None
 
-    with ThreadPoolExecutor(_THREADS) as pool:
+    with ThreadPoolExecutor(int(os.environ.get("MITOTYPE_DECODE_THREADS", _STREAM_THREADS))) as pool:
 
         def submit(index: np.ndarray) -> tuple[np.ndarray, list]:
             return index, [pool.submit(decode, i) for i in index]
