@@ -121,3 +121,22 @@ def test_cv_writes_oof_predictions_and_resumes_finished_folds(amibr: Path, tiny:
     assert again["mean"] == summary["mean"]  # folds reused, not retrained
     with pytest.raises(MitotypeError, match="--resume with other folds"):
         cross_validate(cfg, ds, 4, tmp_path / "cv", resume=True, n_boot=50, show_progress=False)
+
+
+def test_train_with_a_separate_validation_set_and_split_folders(tmp_path: Path, tiny: list[str]) -> None:
+    from conftest import write_class_folders
+
+    cfg = load_config(None, tiny + ["train.epochs=1", "train.threshold=auto"])
+    data = load_dataset(write_class_folders(tmp_path / "train"), cfg)
+    val = load_dataset(write_class_folders(tmp_path / "val", n_atypical=5, n_normal=7, seed=4), cfg)
+    summary = train(cfg, data, tmp_path / "run", val=val, show_progress=False)
+    assert summary["validation"]["n"] == 12
+    preds = pd.read_csv(tmp_path / "run" / "val_predictions.csv")
+    assert preds["path"].str.contains("/val/", regex=False).all()
+    for split, seed in (("train", 0), ("val", 1), ("test", 2)):
+        write_class_folders(tmp_path / "s" / split, n_atypical=4, n_normal=6, seed=seed)
+    with pytest.warns(UserWarning) as caught:  # the synthetic splits share slide names: warned too
+        summary = train(cfg, load_dataset(tmp_path / "s", cfg), tmp_path / "run2", show_progress=False)
+    assert any("test split set aside" in str(w.message) for w in caught)
+    manifest = pd.read_csv(tmp_path / "run2" / "manifest.csv", keep_default_na=False)
+    assert set(manifest["split"]) == {"train", "val"} and summary["validation"]["n"] == 10
