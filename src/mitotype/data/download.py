@@ -181,58 +181,38 @@ def _vote(value: str | None) -> str:
     return {1: "1.0", 0: "0.0"}.get(label, "")
 
 
+def _benchmark_folder(name: str, subdir: str, description: str, note: str, citation: str = BENCHMARK_CITATION) -> DatasetSource:
+    """A dataset kept as one folder of the AMi-Br_Benchmark repository's archive."""
+    return DatasetSource(
+        name=name,
+        description=description,
+        files=(RemoteFile(url=BENCHMARK_ZIP, kind="zip", sha256=None, subdir=subdir, note=note),),  # no published sha256; GitHub archives are not byte-stable
+        homepage="https://github.com/DeepMicroscopy/AMi-Br_Benchmark",
+        citation=citation,
+        licence="not stated in the sources searched; see the repository before redistributing",
+    )
+
+
 DATASETS: dict[str, DatasetSource] = {
-    "ami-br": DatasetSource(
-        name="ami-br",
-        description="AMi-Br: mitotic figures of human breast cancer (MIDOG21 + TUPAC16), 3-expert majority labels, the benchmark's train/test split",
-        files=(
-            RemoteFile(
-                url=BENCHMARK_ZIP,
-                kind="zip",
-                sha256=None,  # not published; GitHub archives are not byte-stable
-                subdir="AMi-Br",
-                note="folder seen in the repository index; Train/Test + Atypical/Normal inferred from its scripts; branch 'main' assumed",
-            ),
-        ),
-        homepage="https://github.com/DeepMicroscopy/AMi-Br_Benchmark",  # first home: github.com/DeepMicroscopy/AMi-Br
+    "ami-br": _benchmark_folder(
+        "ami-br", "AMi-Br",
+        "AMi-Br: mitotic figures of human breast cancer (MIDOG21 + TUPAC16), 3-expert majority labels, the benchmark's train/test split",
+        "folder seen in the repository index; Train/Test + Atypical/Normal inferred from its scripts; branch 'main' assumed",
         citation=(
             "Bertram CA, Weiss V, Donovan TA, Banerjee S, Conrad T, Ammeling J, Klopfleisch R, Kaltenecker C, "
             "Aubreville M. Histologic Dataset of Normal and Atypical Mitotic Figures on Human Breast Cancer (AMi-Br). "
             "Bildverarbeitung fuer die Medizin (BVM) 2025, Springer Vieweg; and " + BENCHMARK_CITATION
         ),
-        licence="not stated in the sources searched; see the repositories before redistributing",
+    ),  # first home: github.com/DeepMicroscopy/AMi-Br
+    "atnorm-br": _benchmark_folder(
+        "atnorm-br", "AtNorM-Br",
+        "AtNorM-Br: held-out atypical/normal mitoses from the TCGA breast cancer cohort",
+        "folder named in the README's Contents; Atypical/Normal inferred from the inference notebooks; branch 'main' assumed",
     ),
-    "atnorm-br": DatasetSource(
-        name="atnorm-br",
-        description="AtNorM-Br: held-out atypical/normal mitoses from the TCGA breast cancer cohort",
-        files=(
-            RemoteFile(
-                url=BENCHMARK_ZIP,
-                kind="zip",
-                sha256=None,  # not published; GitHub archives are not byte-stable
-                subdir="AtNorM-Br",
-                note="folder named in the README's Contents; Atypical/Normal inferred from the inference notebooks; branch 'main' assumed",
-            ),
-        ),
-        homepage="https://github.com/DeepMicroscopy/AMi-Br_Benchmark",
-        citation=BENCHMARK_CITATION,
-        licence="not stated in the sources searched; see the repository before redistributing",
-    ),
-    "atnorm-md": DatasetSource(
-        name="atnorm-md",
-        description="AtNorM-MD: held-out multi-domain atypical/normal mitoses from the MIDOG++ training set, 5 expert votes",
-        files=(
-            RemoteFile(
-                url=BENCHMARK_ZIP,
-                kind="zip",
-                sha256=None,  # not published; GitHub archives are not byte-stable
-                subdir="AtNorM-MD",
-                note="folder named in the README's Contents; Atypical/Normal inferred from the inference notebooks; branch 'main' assumed",
-            ),
-        ),
-        homepage="https://github.com/DeepMicroscopy/AMi-Br_Benchmark",
-        citation=BENCHMARK_CITATION,
-        licence="not stated in the sources searched; see the repository before redistributing",
+    "atnorm-md": _benchmark_folder(
+        "atnorm-md", "AtNorM-MD",
+        "AtNorM-MD: held-out multi-domain atypical/normal mitoses from the MIDOG++ training set, 5 expert votes",
+        "folder named in the README's Contents; Atypical/Normal inferred from the inference notebooks; branch 'main' assumed",
     ),
     "midog25-atypical": DatasetSource(
         name="midog25-atypical",
