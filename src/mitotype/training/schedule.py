@@ -8,7 +8,7 @@ import torch
 
 
 class WarmupCosine:
-    """A picklable-free callable for LambdaLR: its state is just (warmup, total, floor)."""
+    """A callable object, so LambdaLR saves its three numbers in the checkpoint with the rest."""
 
     def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float):
         self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, max(1, total_steps), min_ratio
