@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from _timing import alternate  # benchmarks/ is on the path when run as a script
 from mitotype.config import load_config
 from mitotype.data.images import decode_all
 from mitotype.data.readers import read_dataset
@@ -76,13 +77,7 @@ def main() -> None:
             predict_batch(nets, batch, device)
         return time.perf_counter() - tic
 
-    # Warm both, then alternate so the drift of a shared CPU hits both sides; compare medians.
-    ours_run(), bare_run()
-    ours_times, bare_times = [], []
-    for _ in range(args.rounds):
-        ours_times.append(ours_run())
-        bare_times.append(bare_run())
-    ours, bare = float(np.median(ours_times)), float(np.median(bare_times))
+    ours, bare = alternate(ours_run, bare_run, args.rounds)
 
     naive_n = min(n, 256)
     tic = time.perf_counter()

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from _timing import alternate  # benchmarks/ is on the path when run as a script
 from mitotype.config import load_config
 from mitotype.data.images import ImageStore
 from mitotype.inference.engine import to_input
@@ -91,14 +92,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             return fit(cfg, manifest, store, Path(tmp), index, show_progress=False).history[0]["train_seconds"]
 
-    # Warm both (oneDNN / cuDNN pick kernels on first use), then alternate, so the slow drift of a
-    # shared CPU hits both sides alike; compare medians.
-    bare_epoch(), ours_epoch()
-    bare_times, ours_times = [], []
-    for _ in range(args.rounds):
-        bare_times.append(bare_epoch())
-        ours_times.append(ours_epoch())
-    bare, ours = float(np.median(bare_times)), float(np.median(ours_times))
+    bare, ours = alternate(bare_epoch, ours_epoch, args.rounds)
     steps = len(batches)
     bare_ps, ours_ps = steps * bs / bare, steps * bs / ours
     print(f"bare train step : {bare_ps:8.1f} patches/s ({bare / steps * 1000:.0f} ms/step)")

@@ -70,6 +70,7 @@ import uuid
 import zipfile
 import zlib
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -417,37 +418,35 @@ def _members(names: list[str], subdir: str) -> dict[str, str]:
 
 
 def _extract(archive: Path, place: Path, remote: RemoteFile, url: str) -> None:
+    """Copy the wanted members of a zip or tar archive under ``place``, one member at a time."""
     where = f" folder '{remote.subdir}'" if remote.subdir else ""
     try:
-        if remote.kind == "zip":
-            with zipfile.ZipFile(archive) as zf:
-                infos = {i.filename: i for i in zf.infolist() if not i.is_dir()}
-                chosen = _members(list(infos), remote.subdir)
-                if not chosen:
-                    raise MitotypeError(f"{url}: the archive has no{where or ' files'}; the dataset may have moved")
-                for member, rel in chosen.items():
-                    out = place / rel
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(infos[member]) as src, out.open("wb") as dst:
-                        shutil.copyfileobj(src, dst, CHUNK)
-        elif remote.kind == "tar":
-            with tarfile.open(archive) as tf:
-                infos = {m.name: m for m in tf.getmembers() if m.isfile()}
-                chosen = _members(list(infos), remote.subdir)
-                if not chosen:
-                    raise MitotypeError(f"{url}: the archive has no{where or ' files'}; the dataset may have moved")
-                for member, rel in chosen.items():
-                    out = place / rel
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    src = tf.extractfile(infos[member])
-                    if src is None:
-                        continue
-                    with src, out.open("wb") as dst:
-                        shutil.copyfileobj(src, dst, CHUNK)
-        else:
-            raise MitotypeError(f"{url}: unknown archive kind '{remote.kind}' in the registry")
+        with _open_archive(archive, remote.kind, url) as (names, open_member):
+            chosen = _members(names, remote.subdir)
+            if not chosen:
+                raise MitotypeError(f"{url}: the archive has no{where or ' files'}; the dataset may have moved")
+            for member, rel in chosen.items():
+                out = place / rel
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with open_member(member) as src, out.open("wb") as dst:
+                    shutil.copyfileobj(src, dst, CHUNK)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, zlib.error, EOFError) as err:
         raise MitotypeError(f"{url}: corrupt or truncated {remote.kind} archive ({_one_line(err)}); nothing was kept") from None
+
+
+@contextmanager
+def _open_archive(archive: Path, kind: str, url: str):
+    """Yield (regular-file member names, open(name) -> binary stream) for a zip or tar archive."""
+    if kind == "zip":
+        with zipfile.ZipFile(archive) as zf:
+            infos = {i.filename: i for i in zf.infolist() if not i.is_dir()}
+            yield list(infos), lambda name: zf.open(infos[name])
+    elif kind == "tar":
+        with tarfile.open(archive) as tf:
+            infos = {m.name: m for m in tf.getmembers() if m.isfile()}
+            yield list(infos), lambda name: tf.extractfile(infos[name])
+    else:
+        raise MitotypeError(f"{url}: unknown archive kind '{kind}' in the registry")
 
 
 def _check_layout(root: Path, name: str) -> None:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import timm
-import torch
 from torch import nn
 
 from mitotype.errors import MitotypeError
