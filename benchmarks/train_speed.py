@@ -29,7 +29,7 @@ from mitotype.data.images import ImageStore
 from mitotype.inference.engine import to_input
 from mitotype.models.registry import create_model
 from mitotype.training.loop import build_optimizer, fit
-from mitotype.training.runs import load_dataset
+from mitotype.workflows.runs import load_dataset
 
 DEFAULT_DATA = Path(os.environ.get("MITOTYPE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "ami-br-train"
 

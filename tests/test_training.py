@@ -15,7 +15,7 @@ from mitotype.models.registry import Head
 from mitotype.training.checkpoint import load_checkpoint
 from mitotype.training.loop import Interrupted, epoch_order, fit
 from mitotype.training.losses import HeadLoss, focal_loss
-from mitotype.training.runs import cross_validate, load_dataset, train
+from mitotype.workflows.runs import cross_validate, load_dataset, train
 from mitotype.training.schedule import WarmupCosine
 
 

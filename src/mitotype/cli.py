@@ -110,7 +110,7 @@ def train(
     device: Optional[str] = DeviceOpt,
 ) -> None:
     """Train one model."""
-    from mitotype.training.runs import load_dataset, train as train_run
+    from mitotype.workflows.runs import load_dataset, train as train_run
 
     cfg = _config(recipe, overrides, skip_bad, device)
     ds = load_dataset(_existing(data, "--data"), cfg, skip_missing)
@@ -136,7 +136,7 @@ def cv(
     device: Optional[str] = DeviceOpt,
 ) -> None:
     """Grouped K-fold cross-validation: K models, out-of-fold predictions, summary.json."""
-    from mitotype.training.runs import cross_validate, load_dataset
+    from mitotype.workflows.runs import cross_validate, load_dataset
 
     cfg = _config(recipe, overrides, skip_bad, device)
     out_dir = out_dir or Path("runs") / f"{cfg.recipe}-cv{folds}"
@@ -159,7 +159,7 @@ def evaluate(
     skip_bad: bool = SkipBadOpt,
 ) -> None:
     """Score a model (or the averaged fold ensemble) on a labelled dataset."""
-    from mitotype.evaluation.evaluate import evaluate_model
+    from mitotype.workflows.evaluate import evaluate_model
 
     with _progress() as advance:
         metrics, n_models = evaluate_model(_existing(model, "--model"), _existing(data, "--data"), out_dir, tta, threshold,
@@ -205,7 +205,7 @@ def benchmark(
     device: Optional[str] = DeviceOpt,
 ) -> None:
     """AMi-Br protocol: grouped K-fold CV on --train; every fold model and their ensemble on each --test."""
-    from mitotype.evaluation.benchmark import run_benchmark
+    from mitotype.workflows.benchmark import run_benchmark
 
     cfg = _config(recipe, overrides, device=device)
     named = [_named_path(t) for t in tests]

@@ -1,0 +1,31 @@
+"""The AMi-Br benchmark job: cross-validate on the training set, then score every test set with
+each fold model and their ensemble (the tables live in :mod:`mitotype.evaluation.benchmark`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from mitotype.data.splits import evaluation_rows
+from mitotype.evaluation.benchmark import score_test_set, write_benchmark
+from mitotype.inference.predict import load_models
+from mitotype.training.loop import predict_rows
+from mitotype.workflows.runs import cross_validate, load_dataset
+
+
+def run_benchmark(cfg, train_data: Path, tests: list[tuple[str, Path]], folds: int, out: Path, resume: bool = False, tta: bool = False) -> str:
+    """Read and decode every test set first (a bad image stops the run before hours of training),
+    cross-validate, then score each decoded test set with every fold model."""
+    test_sets = []
+    for name, path in tests:  # like evaluate: a layout's test split when it has one
+        ds = load_dataset(path, cfg)
+        test_sets.append((name, ds.subset(evaluation_rows(ds.manifest))))
+    summary = cross_validate(cfg, load_dataset(train_data, cfg), folds, out, resume=resume)
+    models, device = load_models(out, cfg.train.device)
+    results = []
+    for name, ds in test_sets:
+        rows = np.arange(len(ds.manifest))
+        per_fold = [predict_rows([m.model], ds.store, rows, device, cfg.train.eval_batch_size, tta=tta) for m in models]
+        results.append(score_test_set(name, ds.manifest["label"].to_numpy(), per_fold, [m.threshold for m in models]))
+    return write_benchmark(out, cfg.recipe, results, summary)
