@@ -1,97 +1,95 @@
-"""Prediction throughput: ``predict_manifest`` end to end (PNG files in, probabilities out) beside
-the bare model's forward pass on the same batches already decoded, and a naive per-image
-PIL + torch loop, so the gap is what our streaming costs (target < 10%).
+"""Prediction throughput: bare forward vs ``predict`` end to end from PNG files vs a naive per-image PIL loop.
 
-    .venv/bin/python benchmarks/predict_speed.py [--data ../shared/data/ami-br-train] [--model RUN_OR_MODEL] [--n 1024]
+All three sides process the same patches: the bare forward runs ``predict_batch`` on batches
+already decoded; ``predict_manifest`` reads and decodes the PNG files on a background thread pool
+while the model runs; the naive loop opens each PNG with PIL and runs the model on one image at a
+time, as the field's research scripts do. Each side is warmed up once, then they alternate.
 
-Without --model it saves a fresh (untrained) model of the recipe: throughput does not depend on
-the weights. Without the data folder it writes synthetic PNGs to a temporary folder.
+    .venv/bin/python benchmarks/predict_speed.py [--data ../shared/data/ami-br-train] [--model RUN_OR_MODEL] [--n 256] [--rounds 3]
+
+Without --model it saves an untrained model of --recipe to a temporary folder (throughput does
+not depend on the weights), so it runs on a fresh clone; with --model it loads that run or model
+(a fold ensemble counts every member). Without the data folder it writes synthetic PNGs.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 
-from _timing import alternate  # benchmarks/ is on the path when run as a script
+from _patches import DEFAULT_DATA, png_paths  # benchmarks/ is on the path when run as a script
+from _timing import Side, Timed, compare, report
 from mitotype.config import load_config
 from mitotype.data.images import decode_all
-from mitotype.data.readers import read_dataset
 from mitotype.inference.engine import predict_batch
 from mitotype.inference.predict import predict_manifest
 from mitotype.models.artifact import load_ensemble, save_model
 from mitotype.models.registry import create_model
 
-DEFAULT_DATA = Path(os.environ.get("MITOTYPE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "ami-br-train"
 
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[Timed]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="patch folder (default: %(default)s)")
+    ap.add_argument("--model", type=Path, default=None, help="run directory or model folder (default: untrained --recipe model)")
     ap.add_argument("--recipe", default="lite0-quick")
-    ap.add_argument("--n", type=int, default=768)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating predict / bare runs")
-    args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp())
-    if args.data.is_dir():
-        manifest = read_dataset(args.data).manifest.sample(frac=1, random_state=0).head(args.n).reset_index(drop=True)
-    else:
-        import pandas as pd
+    ap.add_argument("--set", action="append", default=[], help="config override for the untrained model (repeatable)")
+    ap.add_argument("--n", type=int, default=256, help="patches per side and round")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds after one warm-up of each side")
+    args = ap.parse_args(argv)
 
-        rng = np.random.default_rng(0)
-        paths = []
-        for i in range(args.n):
-            Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(tmp / f"{i}.png")
-            paths.append(str(tmp / f"{i}.png"))
-        manifest = pd.DataFrame({"path": paths})
-    if args.model is None:
-        cfg = load_config(args.recipe, ["model.pretrained=none"])
-        save_model(create_model(cfg.model), cfg, tmp / "model", 0.5, {}, {})
-        args.model = tmp / "model"
-    models = load_ensemble(args.model)
-    device = torch.device("cpu")
-    n, bs = len(manifest), args.batch_size
-    print(f"{n} patches from {args.data if args.data.is_dir() else 'synthetic PNGs'} · {len(models)} model(s) · batch {bs} · torch threads {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        if args.model is None:
+            cfg = load_config(args.recipe, ["model.pretrained=none"] + args.set)
+            save_model(create_model(cfg.model), cfg, tmp / "model", 0.5, {}, {})
+            model_text = f"untrained {cfg.recipe} ({cfg.model.backbone} @ {cfg.model.input_size} px)"
+        models = load_ensemble(args.model or tmp / "model")
+        if args.model is not None:
+            model_text = f"{len(models)} model(s) from {args.model}"
+        paths, source = png_paths(args.data, args.n, models[0].patch_size, tmp)
+        return _run(models, paths, source, model_text, args.batch_size, args.rounds)
 
-    store, _ = decode_all(manifest["path"].tolist(), models[0].patch_size)
+
+def _run(models: list, paths: list[str], source: str, model_text: str, bs: int, rounds: int) -> list[Timed]:
+    device, n = torch.device("cpu"), len(paths)
+    manifest = pd.DataFrame({"path": paths})
+    store, _ = decode_all(paths, models[0].patch_size, models[0].size_policy)
     batches = [store.batch(np.arange(s, min(s + bs, n))) for s in range(0, n, bs)]
-    nets = [m.model for m in models]
+    nets = [m.model.eval() for m in models]
 
-    def ours_run() -> float:
-        tic = time.perf_counter()
-        predict_manifest(models, manifest, batch_size=bs, device=device)
-        return time.perf_counter() - tic
-
-    def bare_run() -> float:
+    def bare() -> float:
         tic = time.perf_counter()
         for batch in batches:
             predict_batch(nets, batch, device)
         return time.perf_counter() - tic
 
-    ours, bare = alternate(ours_run, bare_run, args.rounds)
+    def ours() -> float:
+        tic = time.perf_counter()
+        predict_manifest(models, manifest, batch_size=bs, device=device)
+        return time.perf_counter() - tic
 
-    naive_n = min(n, 256)
-    tic = time.perf_counter()
-    with torch.no_grad():
-        for path in manifest["path"].head(naive_n):
+    @torch.no_grad()
+    def naive() -> float:
+        tic = time.perf_counter()
+        for path in paths:
             x = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)[None].float() / 255
             for net in nets:
                 net.p_atypical(net({"image": x}))
-    naive = time.perf_counter() - tic
+        return time.perf_counter() - tic
 
-    print(f"bare forward (pre-decoded) : {n / bare:8.1f} patches/s")
-    print(f"mitotype predict (from PNG): {n / ours:8.1f} patches/s")
-    print(f"naive PIL + torch per image: {naive_n / naive:8.1f} patches/s")
-    print(f"overhead vs bare forward   : {100 * (ours - bare) / ours:+.1f}% of predict time (target < 10%)")
+    sides = [Side("bare forward (pre-decoded)", bare, n), Side("mitotype predict (from PNG)", ours, n),
+             Side("naive PIL + torch per image", naive, n)]
+    results = compare(sides, rounds)
+    report(f"Prediction: {source} · {model_text} · batch {bs} · device cpu", results, rounds)
+    return results
 
 
 if __name__ == "__main__":

@@ -4,16 +4,44 @@ from pathlib import Path
 
 import pytest
 
-from mitotype.config import CONFIG_DIR, config_from_dict, dump_config, load_config
+from mitotype.config import config_from_dict, dump_config, load_config, packaged_recipes
 from mitotype.errors import MitotypeError
 
 
-def test_every_shipped_recipe_loads() -> None:
-    recipes = sorted(CONFIG_DIR.glob("**/*.yaml"))
-    assert recipes, "configs/ holds the named recipes"
-    for path in recipes:
-        cfg = load_config(str(path))
-        assert cfg.recipe == path.stem
+def test_every_shipped_recipe_loads_by_name_and_experiments_by_path() -> None:
+    recipes = packaged_recipes()
+    assert "lite0-quick" in recipes, "the package ships its named recipes"
+    for name in recipes:
+        assert load_config(name).recipe == name
+    experiments = sorted((Path(__file__).parents[1] / "configs" / "experiments").glob("*.yaml"))
+    for path in experiments:
+        assert load_config(str(path)).recipe == path.stem
+
+
+def test_recipes_resolve_from_the_package_not_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the name must come from the installed package
+    assert load_config("lite0-quick").model.pretrained == "imagenet-lite0"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "mine.yaml").write_text("train:\n  epochs: 3\n")
+    assert load_config("mine").train.epochs == 3  # a project's own configs/ folder also works
+    with pytest.raises(MitotypeError, match="known recipes: .*lite0-quick"):
+        load_config("no-such-recipe")
+
+
+def test_heads_are_configuration() -> None:
+    cfg = load_config(None, ["model.heads=[{name: label}, {name: e1, target: expert_1, weight: 0.5}]", "model.reduce_heads=[label, e1]"])
+    assert [(h.name, h.target, h.weight, h.positive) for h in cfg.model.heads] == [("label", "label", 1.0, [1]), ("e1", "expert_1", 0.5, [1])]
+    for override, message in [
+        ("model.heads=[{name: a}, {name: a}]", "head names must be unique"),
+        ("model.reduce_heads=[nope]", "must name some of the heads"),
+        ("model.heads=[{name: label, num_classes: 1}]", "num_classes: 1 must be at least 2"),
+        ("model.heads=[{name: label, positive: [2]}]", "positive"),
+        ("model.heads=[{name: label, weight: -1}]", "weight"),
+        ("model.heads=[{nmae: x}]", "unknown config key 'nmae'"),
+        ("model.reduce=max", "reduce: 'max' is not one of mean"),
+    ]:
+        with pytest.raises(MitotypeError, match=message):
+            load_config(None, [override])
 
 
 def test_overrides_are_typed_and_nested() -> None:

@@ -12,7 +12,7 @@ from conftest import PATCH, make_patch, write_class_folders
 from mitotype.data.images import BadImage, decode_all, decode_patch
 from mitotype.data.manifest import CORE_COLUMNS, parse_label, require_labels
 from mitotype.data.readers import read_dataset
-from mitotype.data.splits import assert_disjoint, grouped_folds, read_split_file
+from mitotype.data.splits import assert_disjoint, grouped_folds, read_split_file, train_val_split
 from mitotype.errors import MitotypeError
 
 
@@ -182,9 +182,31 @@ def test_decoded_cache_is_memory_mapped_and_reused(amibr: Path, tmp_path: Path) 
     assert isinstance(cached.array, np.memmap)
     files = sorted((tmp_path / "cache").iterdir())
     again, _ = decode_all(paths, PATCH, cache_dir=tmp_path / "cache")
-    assert sorted((tmp_path / "cache").iterdir()) == files  # nothing decoded twice
+    assert sorted((tmp_path / "cache").iterdir()) == files
     assert np.array_equal(memory.batch([0, 5, 39]).numpy(), again.batch([0, 5, 39]).numpy())
     assert np.array_equal(memory.batch([3]).numpy()[0], np.asarray(Image.open(paths[3]).convert("RGB")))
+
+
+def test_decoded_cache_decodes_each_image_once(amibr: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Count the decodes: a reused cache decodes nothing; a changed file invalidates it."""
+    import mitotype.data.images as images
+
+    paths = read_dataset(amibr).manifest["path"].tolist()
+    decoded: list[str] = []
+    real = images.decode_patch
+    monkeypatch.setattr(images, "decode_patch", lambda path, *a, **k: decoded.append(str(path)) or real(path, *a, **k))
+    first, _ = decode_all(paths, PATCH, cache_dir=tmp_path / "cache")
+    assert sorted(decoded) == sorted(paths)
+    decoded.clear()
+    again, _ = decode_all(paths, PATCH, cache_dir=tmp_path / "cache")
+    assert decoded == [] and np.array_equal(np.asarray(first.array), np.asarray(again.array))
+    Image.fromarray(make_patch(np.random.default_rng(9), True)).save(paths[3])  # new content, new size/mtime
+    other, _ = decode_all(paths, PATCH, cache_dir=tmp_path / "cache")
+    assert len(decoded) == len(paths) and len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    assert np.array_equal(other.batch([3]).numpy()[0], np.asarray(Image.open(paths[3]).convert("RGB")))
+    decoded.clear()
+    decode_all(paths, PATCH, cache_dir=tmp_path / "cache", size_policy="resize")  # another policy: another cache
+    assert len(decoded) == len(paths)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7])
@@ -199,8 +221,18 @@ def test_grouped_folds_never_share_a_slide(amibr: Path, seed: int) -> None:
 
 
 def test_splits_are_seeded(amibr: Path) -> None:
+    """Same seed, same folds; another seed, other folds (a seed that is ignored fails here)."""
     df = read_dataset(amibr).manifest
     assert np.array_equal(grouped_folds(df, 4, 3), grouped_folds(df, 4, 3))
+    by_seed = {seed: grouped_folds(df, 4, seed) for seed in range(6)}
+    assert len({f.tobytes() for f in by_seed.values()}) >= 5
+    assert not np.array_equal(grouped_folds(df, 4), by_seed[0])  # the default (42) is a seed too
+    train, val = train_val_split(df, 0.25, seed=3)
+    assert np.array_equal(val, np.flatnonzero(grouped_folds(df, 4, 3) == 0))
+    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(len(df)))
+    assert not set(df["group"].iloc[train]) & set(df["group"].iloc[val])
+    assert not np.array_equal(train_val_split(df, 0.25, seed=4)[1], val)
+    assert len(train_val_split(df, 0.5, seed=3)[1]) > len(val)  # about half the rows, not a quarter
 
 
 def test_too_many_folds_and_leaky_split_files(amibr: Path, tmp_path: Path) -> None:

@@ -249,3 +249,35 @@ def test_bad_frames_and_options_raise():
     with pytest.raises(MitotypeError, match="y_pred"):
         plot_confusion([0, 1], [0, 5], "unused.png")
     assert math.isfinite(binary_metrics(Y, P, threshold=np.float64(0.3))["threshold"])
+
+
+def test_bootstrap_interval_is_the_percentile_interval_at_the_asked_level():
+    """Recompute the resamples by hand (same generator, same draws) and take the percentiles."""
+    y, p = _random(200)
+    for level in (0.95, 0.8):
+        ci = bootstrap_intervals(y, p, threshold=0.5, n_boot=400, seed=11, level=level)
+        idx = np.random.default_rng(11).integers(0, len(y), size=(400, len(y)))
+        acc = ((p[idx] >= 0.5) == (y[idx] == 1)).mean(axis=1)
+        sens = np.array([((p[r] >= 0.5) & (y[r] == 1)).sum() / (y[r] == 1).sum() for r in idx])
+        tail = (1 - level) / 2
+        assert ci["accuracy"] == pytest.approx(np.quantile(acc, [tail, 1 - tail]).tolist(), abs=1e-12), level
+        assert ci["sensitivity"] == pytest.approx(np.quantile(sens, [tail, 1 - tail]).tolist(), abs=1e-12), level
+        auc = [roc_auc_score(y[r], p[r]) for r in idx]
+        assert ci["roc_auc"] == pytest.approx(np.quantile(auc, [tail, 1 - tail]).tolist(), abs=1e-12), level
+
+
+def test_bootstrap_interval_covers_the_true_accuracy_at_its_level():
+    """Simulated classifier right with probability 0.8: the 95% interval should hold 0.8 about 95%
+    of the time, the 50% interval about half the time (a wrong level lands far from either)."""
+    rng = np.random.default_rng(0)
+    n, reps = 120, 300
+    hits = {0.95: 0, 0.5: 0}
+    for r in range(reps):
+        y = rng.integers(0, 2, n)
+        right = rng.random(n) < 0.8
+        p = np.where(right == (y == 1), 0.9, 0.1)
+        for level in hits:
+            lo, hi = bootstrap_intervals(y, p, n_boot=200, seed=r, level=level)["accuracy"]
+            hits[level] += lo <= 0.8 <= hi
+    assert 0.93 <= hits[0.95] / reps <= 0.98, hits  # 0.963 here; a 90% interval gives 0.91, a 99% one 0.983
+    assert 0.45 <= hits[0.5] / reps <= 0.65, hits  # 0.573 here

@@ -47,6 +47,29 @@ def test_lite0_classifies_chelsea_as_a_cat(lite0: dict) -> None:
     assert float(probs[list(CAT_CLASSES)].sum()) > 0.5
 
 
+@pytest.mark.parametrize("variant", ["imagenet-lite0", "imagenet-lite1", "imagenet-lite2"])
+def test_create_model_with_lite_weights_classifies_chelsea_as_a_cat(variant: str) -> None:
+    """End to end through ``create_model``: the model's own resize and normalisation (mean = std = 0.5,
+    input scaled to [-1, 1]) feed the mapped backbone; the packaged ImageNet classifier is applied
+    to the pooled features the model computes, on an image given in [0, 1] as every batch is."""
+    skimage = pytest.importorskip("skimage")
+    from mitotype.config import ModelConfig
+    from mitotype.models.registry import create_model
+
+    weights = lite_state_dict(variant)
+    model = create_model(ModelConfig(backbone=LITE_VARIANTS[variant], pretrained=variant, input_size=224, drop_rate=0.0)).eval()
+    assert model.normalization().mean == (0.5, 0.5, 0.5) and model.normalization().std == (0.5, 0.5, 0.5)
+    for key in ("conv_stem.weight", "blocks.1.0.conv_pw.weight", "conv_head.weight", "bn2.running_var"):
+        assert torch.equal(model.backbone.state_dict()[key], weights[key]), key
+    features = {}
+    model.backbone.register_forward_hook(lambda m, args, out: features.update(x=out))
+    image = torch.from_numpy(skimage.data.chelsea().copy()).permute(2, 0, 1)[None].float() / 255  # 300x451, resized inside
+    with torch.no_grad():
+        model({"image": torch.nn.functional.interpolate(image, size=(256, 256), mode="bilinear", antialias=True)})
+        probs = (features["x"] @ weights["classifier.weight"].T + weights["classifier.bias"]).softmax(dim=1)[0]
+    assert int(probs.argmax()) in CAT_CLASSES and float(probs[list(CAT_CLASSES)].sum()) > 0.5, variant
+
+
 def test_load_into_two_class_model_copies_backbone(lite0: dict) -> None:
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=2)
     head_before = model.classifier.weight.detach().clone()

@@ -30,14 +30,6 @@ def test_focal_loss_reduces_to_weighted_ce_and_downweights_easy() -> None:
     assert easy_ratio < hard_ratio < 1
 
 
-def test_head_loss_reads_each_heads_target_column() -> None:
-    heads = {"label": Head("label")}
-    loss = HeadLoss(LossConfig(name="ce", class_weights=True), heads, torch.tensor([30.0, 10.0]))
-    outputs = {"label": torch.zeros(4, 2)}
-    value = loss(outputs, {"label": torch.tensor([0, 1, 1, 0])})
-    assert value.item() == pytest.approx(np.log(2), rel=1e-5)
-
-
 def test_balanced_sampler_draws_classes_equally() -> None:
     labels = np.array([1] * 100 + [0] * 900)
     order = epoch_order(labels, "balanced", torch.Generator().manual_seed(0))
@@ -97,13 +89,40 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(amibr: Path, tiny: list[s
         assert torch.equal(x, y), name
 
 
-def test_early_stopping_keeps_the_best_epoch(amibr: Path, tiny: list[str], tmp_path: Path) -> None:
-    cfg, ds = _data(amibr, tiny, "train.epochs=6", "train.patience=1", "train.lr=0.5", "data.val_fraction=0.25")
-    summary = train(cfg, ds, tmp_path / "run", show_progress=False)
-    history = pd.read_csv(tmp_path / "run" / "history.csv")
-    best = history["val_balanced_accuracy"].max()
-    assert summary["validation"]["balanced_accuracy"] == pytest.approx(best)
-    assert len(history) <= 6
+def _scripted_val_scores(monkeypatch: pytest.MonkeyPatch, scores: list[float]) -> None:
+    """The loop's validation balanced accuracy, epoch by epoch, replaced by ``scores``."""
+    import mitotype.training.loop as loop
+
+    script, real = iter(scores), loop.binary_metrics
+
+    def scripted(y, p, threshold=0.5):
+        metrics = real(y, p, threshold)
+        return {**metrics, "balanced_accuracy": next(script, metrics["balanced_accuracy"])}
+
+    monkeypatch.setattr(loop, "binary_metrics", scripted)
+
+
+def test_early_stopping_stops_after_patience_and_keeps_the_best_epoch(amibr: Path, tiny: list[str], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, ds = _data(amibr, tiny, "train.epochs=8", "train.patience=2", "train.keep_epoch_checkpoints=true")
+    idx = np.arange(len(ds.manifest))
+    _scripted_val_scores(monkeypatch, [0.5, 0.7, 0.6, 0.7, 0.9, 0.95])  # best at epoch 2; 0.7 again is no gain
+    result = fit(cfg, ds.manifest, ds.store, tmp_path / "run", idx[idx % 4 != 0], idx[idx % 4 == 0], show_progress=False)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]  # two epochs without gain, then stop
+    assert [r["val_balanced_accuracy"] for r in result.history] == [0.5, 0.7, 0.6, 0.7]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("epoch_*")) == [f"epoch_00{e}.safetensors" for e in range(1, 5)]
+    from safetensors.torch import load_file
+
+    best = load_file(str(tmp_path / "run" / "checkpoints" / "epoch_002.safetensors"))
+    last = load_file(str(tmp_path / "run" / "checkpoints" / "epoch_004.safetensors"))
+    final = result.model.state_dict()
+    assert all(torch.equal(final[k].cpu(), v) for k, v in best.items())  # the best epoch's weights are the model
+    assert not all(torch.equal(final[k].cpu(), v) for k, v in last.items())
+
+    _scripted_val_scores(monkeypatch, [0.5, 0.7, 0.6, 0.7])
+    cfg, _ = _data(amibr, tiny, "train.epochs=5", "train.patience=0")  # patience 0: never stop early
+    result = fit(cfg, ds.manifest, ds.store, tmp_path / "off", idx[idx % 4 != 0], idx[idx % 4 == 0], show_progress=False)
+    assert len(result.history) == 5
 
 
 def test_cv_writes_oof_predictions_and_resumes_finished_folds(amibr: Path, tiny: list[str], tmp_path: Path) -> None:
@@ -116,9 +135,7 @@ def test_cv_writes_oof_predictions_and_resumes_finished_folds(amibr: Path, tiny:
     for name in ("summary.json", "splits.csv", "oof/metrics.json", "oof/roc.png", "fold_2/model.safetensors"):
         assert (tmp_path / "cv" / name).is_file(), name
     card = json.loads((tmp_path / "cv" / "fold_1" / "model.json").read_text())
-    assert card["metrics"]["held_out_fold"]["n"] == summary["per_fold"][1]["n"]
-    again = cross_validate(cfg, ds, 3, tmp_path / "cv", resume=True, n_boot=50, show_progress=False)
-    assert again["mean"] == summary["mean"]  # folds reused, not retrained
+    assert card["provenance"]["metrics"]["held_out_fold"]["n"] == summary["per_fold"][1]["n"]
     with pytest.raises(MitotypeError, match="--resume with other folds"):
         cross_validate(cfg, ds, 4, tmp_path / "cv", resume=True, n_boot=50, show_progress=False)
 

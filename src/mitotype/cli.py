@@ -110,9 +110,10 @@ def train(
     device: Optional[str] = DeviceOpt,
 ) -> None:
     """Train one model."""
-    from mitotype.workflows.runs import load_dataset, train as train_run
+    from mitotype.workflows.runs import check_run_dir, load_dataset, train as train_run
 
     cfg = _config(recipe, overrides, skip_bad, device)
+    check_run_dir(out_dir, resume)
     ds = load_dataset(_existing(data, "--data"), cfg, skip_missing)
     val_ds = load_dataset(_existing(val, "--val"), cfg, skip_missing) if val else None
     summary = train_run(cfg, ds, out_dir, resume=resume, val=val_ds)
@@ -136,10 +137,11 @@ def cv(
     device: Optional[str] = DeviceOpt,
 ) -> None:
     """Grouped K-fold cross-validation: K models, out-of-fold predictions, summary.json."""
-    from mitotype.workflows.runs import cross_validate, load_dataset
+    from mitotype.workflows.runs import check_run_dir, cross_validate, load_dataset
 
     cfg = _config(recipe, overrides, skip_bad, device)
     out_dir = out_dir or Path("runs") / f"{cfg.recipe}-cv{folds}"
+    check_run_dir(out_dir, resume)
     ds = load_dataset(_existing(data, "--data"), cfg, skip_missing)
     summary = cross_validate(cfg, ds, folds, out_dir, resume=resume, split_file=split_file)
     _print_cv(summary, out_dir)
@@ -183,13 +185,14 @@ def predict(
     skip_bad: bool = SkipBadOpt,
 ) -> None:
     """Write path, p_atypical, label (+ every input column) for each patch."""
-    from mitotype.inference.predict import predict_path
+    from mitotype.inference.predict import predict_path, skipped_csv_path
 
     with _progress() as advance:
         table = predict_path(_existing(model, "--model"), _existing(inputs, "input"), out_csv, tta, threshold, skip_missing, device,
                              progress=advance, size_policy=_policy(size_policy), skip_bad=skip_bad)
-    n_atyp = int((table["label"] == "atypical").sum())
-    out.print(f"{len(table)} patches → {out_csv}: {n_atyp} atypical ({n_atyp / len(table):.1%})")
+    n_atyp, n_done = int((table["label"] == "atypical").sum()), int((table["label"] != "").sum())
+    skipped = f", {len(table) - n_done} skipped (listed in {skipped_csv_path(out_csv)})" if n_done < len(table) else ""
+    out.print(f"{n_done} patches → {out_csv}: {n_atyp} atypical ({n_atyp / max(n_done, 1):.1%}){skipped}")
 
 
 @app.command()
@@ -207,8 +210,11 @@ def benchmark(
     """AMi-Br protocol: grouped K-fold CV on --train; every fold model and their ensemble on each --test."""
     from mitotype.workflows.benchmark import run_benchmark
 
+    from mitotype.workflows.runs import check_run_dir
+
     cfg = _config(recipe, overrides, device=device)
     named = [_named_path(t) for t in tests]
+    check_run_dir(out_dir, resume)
     out.print(run_benchmark(cfg, _existing(train_data, "--train"), named, folds, out_dir, resume=resume, tta=tta))
 
 
@@ -250,13 +256,18 @@ def _print_cv(summary: dict, out_dir: Path) -> None:
     out.print(f"{summary['folds']} folds, {summary['n']} patches, {summary['wall_seconds']} s → {out_dir}/summary.json")
 
 
+def _flag(option: str) -> str:
+    """The flag of a library parameter named in an error (skip_missing -> --skip-missing)."""
+    return {"out_dir": "--out", "out_csv": "--out", "train_data": "--train"}.get(option, "--" + option.replace("_", "-"))
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
     try:
         app(standalone_mode=False)
     except MitotypeError as e:
-        err.print(f"error: {e}", style="red", markup=False, highlight=False, soft_wrap=True)
+        err.print(f"error: {e.render(_flag)}", style="red", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Exit, SystemExit) as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))

@@ -7,18 +7,23 @@ through the same code; the resolved config is saved with each run so it can be r
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
+import math
 import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from mitotype.errors import MitotypeError
 from mitotype.transforms.augment import AugmentConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+RECIPES = importlib.resources.files("mitotype") / "configs"  # recipes ship inside the package
 
 
 @dataclass
@@ -29,6 +34,23 @@ class DataConfig:
     cache_dir: str | None = None  # memory-map decoded images here (None: decode into memory)
     split_seed: int = 42  # StratifiedGroupKFold seed
     val_fraction: float = 0.0  # grouped inner validation split for early stopping (0 = none)
+    mpp: float | None = None  # microns per pixel of the patches (AMi-Br: 0.25); stored in the model card
+
+
+@dataclass
+class HeadConfig:
+    """One named output of the model, trained against manifest column ``target``.
+
+    ``positive`` lists the classes that count as atypical when this head is reduced to
+    ``p_atypical`` (``[1]`` for a binary head; ``[2, 3]`` for NMF-easy, NMF-hard, AMF-easy, AMF-hard).
+    Rows whose target is missing (NaN or -1) do not contribute to this head's loss.
+    """
+
+    name: str = "label"
+    target: str = "label"
+    num_classes: int = 2
+    weight: float = 1.0  # this head's share of the total loss
+    positive: list[int] = field(default_factory=lambda: [1])
 
 
 @dataclass
@@ -37,9 +59,46 @@ class ModelConfig:
     backbone: str = "tf_efficientnet_lite0"  # timm model name
     pretrained: str = "none"  # imagenet-lite0|1|2, hub, file:PATH, none
     input_size: int = 128  # patches are resized to this inside the model
+    center_crop: int = 0  # keep the central N px of the patch before resizing (0: the whole patch)
     drop_rate: float = 0.2
     drop_path_rate: float = 0.0
     freeze_groups: int = 0  # freeze the first N of timm's coarse parameter groups (stem, stages...)
+    heads: list[HeadConfig] = field(default_factory=lambda: [HeadConfig()])
+    reduce: str = "mean"  # how the reduce_heads' positive-class probabilities become p_atypical
+    reduce_heads: list[str] = field(default_factory=lambda: ["label"])
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for the builder
+
+
+REDUCTIONS = ("mean",)  # mean over reduce_heads of the probability of their positive classes
+
+
+def validate_model_config(m: ModelConfig, where: str = "config model") -> None:
+    """Heads and their reduction must be consistent; shared by configs and model cards."""
+    if m.center_crop and m.center_crop < 8:
+        raise MitotypeError(f"{where}.center_crop: {m.center_crop} must be 0 (off) or at least 8 px")
+    if not m.heads:
+        raise MitotypeError(f"{where}.heads: a model needs at least one head")
+    names = [h.name for h in m.heads]
+    if len(set(names)) != len(names):
+        raise MitotypeError(f"{where}.heads: head names must be unique (got {', '.join(names)})")
+    for i, h in enumerate(m.heads):
+        at = f"{where}.heads[{i}]"
+        if not h.name or not h.target:
+            raise MitotypeError(f"{at}: name and target must be non-empty")
+        if h.num_classes < 2:
+            raise MitotypeError(f"{at}.num_classes: {h.num_classes} must be at least 2")
+        if not math.isfinite(h.weight) or h.weight < 0:
+            raise MitotypeError(f"{at}.weight: {h.weight} must be a finite number >= 0")
+        if not h.positive or len(set(h.positive)) != len(h.positive) or len(h.positive) >= h.num_classes \
+                or not all(0 <= c < h.num_classes for c in h.positive):
+            raise MitotypeError(f"{at}.positive: {h.positive} must be distinct class indices in 0..{h.num_classes - 1}, not all of them")
+    if not any(h.weight > 0 for h in m.heads):
+        raise MitotypeError(f"{where}.heads: at least one head needs a weight > 0")
+    if m.reduce not in REDUCTIONS:
+        raise MitotypeError(f"{where}.reduce: '{m.reduce}' is not one of {', '.join(REDUCTIONS)}")
+    unknown = [n for n in m.reduce_heads if n not in names]
+    if not m.reduce_heads or unknown:
+        raise MitotypeError(f"{where}.reduce_heads: {m.reduce_heads} must name some of the heads ({', '.join(names)})")
 
 
 @dataclass
@@ -104,6 +163,20 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if value is None:
             return None
         raise MitotypeError(f"config {where}: expected null, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise MitotypeError(f"config {where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise MitotypeError(f"config {where}: expected a mapping of names to values, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise MitotypeError(f"config {where}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(hint))}")
+        obj = hint()
+        _apply(obj, value, where)
+        return obj
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or (args and args[-1] is not Ellipsis and len(value) != len(args)):
             raise MitotypeError(f"config {where}: expected a list of {len(args)} values, got {value!r}")
@@ -115,13 +188,18 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # nan / inf / .inf: no setting of ours means that
+                raise MitotypeError(f"config {where}: {value!r} is not a finite number")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -149,17 +227,22 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
             setattr(obj, key, _coerce(value, hints[key], f"{where.split(': ', 1)[-1]}.{key}".lstrip(".")))
 
 
-def resolve_recipe(name_or_path: str) -> Path:
-    """A recipe is a YAML path, or a name in ./configs or the repository's configs/."""
-    candidates = [Path(name_or_path)]
+def packaged_recipes() -> dict[str, Traversable]:
+    """The recipes that ship with mitotype, by name."""
+    return {Path(f.name).stem: f for f in sorted(RECIPES.iterdir(), key=lambda f: f.name) if f.name.endswith(".yaml")}
+
+
+def resolve_recipe(name_or_path: str) -> Traversable:
+    """A recipe is a YAML path, a name in ./configs (or ./configs/experiments), or a packaged name."""
+    candidates: list[Traversable] = [Path(name_or_path)]
     if not name_or_path.endswith((".yaml", ".yml")):
-        for root in (Path.cwd() / "configs", CONFIG_DIR):
-            candidates += [root / f"{name_or_path}.yaml", root / "experiments" / f"{name_or_path}.yaml"]
+        local = Path.cwd() / "configs"
+        candidates += [local / f"{name_or_path}.yaml", local / "experiments" / f"{name_or_path}.yaml"]
+        candidates += [f for name, f in packaged_recipes().items() if name == name_or_path]
     for path in candidates:
         if path.is_file():
             return path
-    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
-    raise MitotypeError(f"recipe '{name_or_path}' not found (known recipes: {', '.join(known) or 'none'})")
+    raise MitotypeError(f"recipe '{name_or_path}' not found (known recipes: {', '.join(packaged_recipes()) or 'none'})")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -184,7 +267,7 @@ def load_config(recipe: str | None = None, overrides: list[str] | None = None) -
             raise MitotypeError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
         if not isinstance(values, dict):
             raise MitotypeError(f"{path}: a config must be a mapping of sections")
-        values.setdefault("recipe", path.stem)
+        values.setdefault("recipe", Path(path.name).stem)
         _apply(cfg, values, str(path))
     for text in overrides or []:
         keys, value = parse_override(text)
@@ -213,6 +296,8 @@ _CHOICES = {
 
 
 def validate_config(cfg: Config) -> None:
+    _check_finite(cfg, "config")
+    validate_model_config(cfg.model)
     cfg.augment.__post_init__()  # the augmentation config checks its own ranges
     for (section, name), choices in _CHOICES.items():
         value = getattr(getattr(cfg, section), name)
@@ -233,10 +318,22 @@ def validate_config(cfg: Config) -> None:
     for key, (lo, hi) in ranges.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if value < lo or (hi is not None and value > hi):
+        if not math.isfinite(value) or value < lo or (hi is not None and value > hi):
             raise MitotypeError(f"config {key}: {value} is out of range ({lo} .. {hi if hi is not None else 'inf'})")
     if not 0 <= cfg.data.val_fraction < 1:
         raise MitotypeError("config data.val_fraction: must be in [0, 1)")
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """Every float anywhere in the config is finite: a config built in Python skips :func:`_coerce`."""
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            _check_finite(getattr(value, f.name), f"{where}.{f.name}" if where != "config" else f"config {f.name}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise MitotypeError(f"{where}: {value} is not a finite number")
 
 
 def dump_config(cfg: Config) -> str:
@@ -264,7 +361,8 @@ def record_config(path: Path, cfg: Config, resume: bool) -> None:
             values.get("train", {}).pop("device", None)
         changed = _first_difference(old, new)
         if changed:
-            raise MitotypeError(f"{path}: --resume with a changed config ({changed}); resume with the original settings or start a new run")
+            raise MitotypeError(f"{path}: {{resume}} with a changed config ({changed}); resume with the original settings or start a new run",
+                                options=("resume",))
         return
     write_text(path, dump_config(cfg))
 

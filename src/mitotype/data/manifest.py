@@ -27,6 +27,7 @@ from mitotype.errors import MitotypeError
 CORE_COLUMNS = ["path", "label", "group", "domain", "split", "n_votes", "votes_atypical", "hard", "subtype"]
 LABEL_NAMES = {0: "normal", 1: "atypical"}
 UNLABELLED = -1
+NO_SLIDE = "<no slide>/"  # group of a patch whose slide is unknown: itself alone, never pooled with others
 
 
 def expert_columns(df: pd.DataFrame) -> list[str]:
@@ -47,6 +48,8 @@ def finalize(df: pd.DataFrame) -> pd.DataFrame:
             df[name] = ""
     for name in ("group", "domain", "split", "subtype"):
         df[name] = ["" if pd.isna(v) else str(v) for v in df[name]]
+    no_slide = df["group"].str.strip() == ""  # an empty slide cell must not pool its patches into one group
+    df.loc[no_slide, "group"] = NO_SLIDE + df.loc[no_slide, "path"]
     experts = expert_columns(df)
     if experts:
         votes = df[experts].astype(float)
@@ -77,10 +80,23 @@ def read_manifest_csv(path: Path) -> pd.DataFrame:
         df = df.drop(columns=["label"]).rename(columns={"true_label": "label"})
     if "label" not in df.columns:  # unlabelled: fine for prediction, refused by training
         df["label"] = UNLABELLED
+    if df["path"].isna().any():
+        raise MitotypeError(f"{path}: row {int(np.flatnonzero(df['path'].isna())[0]) + 2} has no path")
     df["path"] = [str(p) if Path(str(p)).is_absolute() else str(path.parent / str(p)) for p in df["path"]]
+    resolved = pd.Series([str(Path(p).resolve()) for p in df["path"]])
+    dup = resolved.duplicated(keep=False)
+    if dup.any():
+        first = resolved[dup].iloc[0]
+        rows = [int(i) + 2 for i in np.flatnonzero(resolved == first)[:2]]
+        raise MitotypeError(f"{path}: rows {rows[0]} and {rows[1]} name the same image {first}; each patch must appear once "
+                            f"({int(dup.sum())} rows are duplicates)")
     df["label"] = [parse_label(v, f"{path} row {i + 2}") for i, v in enumerate(df["label"])]
     for col in expert_columns(df):
-        df[col] = [np.nan if pd.isna(v) else float(parse_label(v, f"{path} row {i + 2} {col}")) for i, v in enumerate(df[col])]
+        df[col] = [np.nan if pd.isna(v) else float(parse_label(v, f"{path} row {i + 2} column {col}")) for i, v in enumerate(df[col])]
+    if "group" not in df.columns and "slide" in df.columns:  # like the AMi-Br reader: slide names are unique per source
+        domain = "domain" if "domain" in df.columns else "dataset" if "dataset" in df.columns else None
+        prefix = df[domain].fillna("").astype(str) + "/" if domain else ""
+        df["group"] = (prefix + df["slide"].astype(str)).where(df["slide"].notna())
     return finalize(df)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mitotype.data.manifest import CORE_COLUMNS, UNLABELLED, finalize, parse_label, read_csv_checked, read_manifest_csv
+from mitotype.data.manifest import CORE_COLUMNS, NO_SLIDE, UNLABELLED, finalize, parse_label, read_csv_checked, read_manifest_csv
 from mitotype.errors import MitotypeError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
@@ -136,6 +136,8 @@ def _read_csv_file(csv_path: Path, skip_missing: bool) -> ReadResult:
     columns = set(read_csv_checked(csv_path, nrows=0).columns)
     if "path" in columns:
         df, problems = _drop_missing_files(read_manifest_csv(csv_path), skip_missing, csv_path)
+        if "group" in columns or "slide" in columns:
+            problems += _no_slide_problems(df, csv_path, "an empty group/slide cell")
         return ReadResult(df, "manifest CSV", problems)
     folder_df = _folder_rows(csv_path.parent) if _class_dirs(csv_path.parent) else pd.DataFrame(columns=["path", "label"])
     if folder_df.empty:  # images directly beside the CSV
@@ -151,7 +153,7 @@ def _drop_missing_files(df: pd.DataFrame, skip_missing: bool, source: Path) -> t
         return df, []
     msg = f"{source}: {int((~exists).sum())} row(s) point to missing images, e.g. {df.loc[~exists, 'path'].iloc[0]}"
     if not skip_missing:
-        raise MitotypeError(msg + " (pass --skip-missing to drop them)")
+        raise MitotypeError(msg + " (use {skip_missing} to drop them)", options=("skip_missing",))
     warnings.warn(msg + "; dropped", stacklevel=2)
     return df[exists].reset_index(drop=True), [msg + " (dropped)"]
 
@@ -186,13 +188,13 @@ def _join_metadata(
     expert_cols = [c for c in cols if _expert_index(c) is not None and c != fname]
     for col in expert_cols:
         out[f"expert_{_expert_index(col)}"] = [
-            np.nan if pd.isna(v) else float(parse_label(v, f"{csv_path} column {col}")) for v in meta[col]
+            np.nan if pd.isna(v) else float(parse_label(v, f"{csv_path} row {i + 2} column {col}")) for i, v in enumerate(meta[col])
         ]
     slide = _find_column(cols, "slide", "slide_id", "wsi", "patient", "case", "tumor_case")
     domain = _find_column(cols, "dataset", "domain", "source", "scanner", "tumor", "tumour")
-    if slide:
-        prefix = meta[domain].astype(str) + "/" if domain else ""
-        out["group"] = prefix + meta[slide].astype(str)
+    if slide:  # an empty slide cell stays empty: finalize makes that patch its own group
+        prefix = meta[domain].fillna("").astype(str) + "/" if domain else ""
+        out["group"] = (prefix + meta[slide].astype(str)).where(meta[slide].notna())
     if domain:
         out["domain"] = meta[domain].astype(str)
     phase = _find_column(cols, "expert1_label", "subtype", "phase", "class_name")
@@ -218,7 +220,7 @@ def _join_metadata(
         first_row = int(out.index[out["filename"] == merged.loc[no_image, "filename"].iloc[0]][0]) + 2
         msg = f"{csv_path}: {int(no_image.sum())} row(s) have no matching image, e.g. row {first_row} ({merged.loc[no_image, 'filename'].iloc[0]})"
         if not skip_missing:
-            raise MitotypeError(msg + "; pass --skip-missing to drop them")
+            raise MitotypeError(msg + "; use {skip_missing} to drop them", options=("skip_missing",))
         warnings.warn(msg + "; dropped", stacklevel=2)
         problems.append(msg + " (dropped)")
     no_row = merged["_merge"] == "right_only"
@@ -235,7 +237,19 @@ def _join_metadata(
             merged.loc[use_csv, "label"] = merged.loc[use_csv, "csv_label"]
         merged = merged.drop(columns="csv_label")
     merged["label"] = merged["label"].fillna(UNLABELLED).astype(int)
-    return merged.drop(columns="filename").reset_index(drop=True), problems
+    merged = merged.drop(columns="filename").reset_index(drop=True)
+    if slide:
+        problems += _no_slide_problems(finalize(merged), csv_path, "no slide value or no CSV row")
+    return merged, problems
+
+
+def _no_slide_problems(df: pd.DataFrame, source: Path, why: str) -> list[str]:
+    """Patches whose slide is unknown each form their own group; say how many, since a grouped
+    split cannot keep them with their slide-mates."""
+    alone = df["group"].str.startswith(NO_SLIDE)
+    if not alone.any():
+        return []
+    return [f"{source}: {int(alone.sum())} patch(es) have {why}, e.g. {Path(df.loc[alone, 'path'].iloc[0]).name}; each is its own group"]
 
 
 def _expert_index(column: str) -> int | None:

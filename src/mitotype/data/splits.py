@@ -17,9 +17,9 @@ def grouped_folds(df: pd.DataFrame, k: int, seed: int = 42) -> np.ndarray:
     """Fold number (0..k-1) of each row: StratifiedGroupKFold on label, grouped by ``group``."""
     n_groups = df["group"].nunique()
     if k < 2:
-        raise MitotypeError(f"--folds {k}: need at least 2 folds")
+        raise MitotypeError(f"{{folds}} {k}: need at least 2 folds", options=("folds",))
     if n_groups < k:
-        raise MitotypeError(f"--folds {k}: only {n_groups} group(s) (slides) in the data; use at most {n_groups} folds")
+        raise MitotypeError(f"{{folds}} {k}: only {n_groups} group(s) (slides) in the data; use at most {n_groups} folds", options=("folds",))
     folds = np.full(len(df), -1, dtype=int)
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     for fold, (_, test) in enumerate(splitter.split(np.zeros(len(df)), df["label"].to_numpy(), df["group"].to_numpy())):
@@ -27,7 +27,7 @@ def grouped_folds(df: pd.DataFrame, k: int, seed: int = 42) -> np.ndarray:
     for fold in range(k):
         labels = df["label"].to_numpy()[folds == fold]
         if len(labels) == 0 or len(np.unique(labels)) < 2:
-            raise MitotypeError(f"--folds {k}: fold {fold} would hold only one class; use fewer folds")
+            raise MitotypeError(f"{{folds}} {k}: fold {fold} would hold only one class; use fewer folds", options=("folds",))
     assert_disjoint(df, folds)
     return folds
 

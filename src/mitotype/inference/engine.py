@@ -3,20 +3,15 @@ and cluster workers all feed this one function through their own streaming reade
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from mitotype.errors import MitotypeError
-from mitotype.transforms.augment import dihedral_views
-
-
-def to_input(batch_u8: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1] on ``device`` (converted after the copy:
-    a quarter of the bytes cross to the GPU)."""
-    x = batch_u8.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+from mitotype.transforms.augment import dihedral_view
+from mitotype.transforms.batch import Transform, build_batch, to_input  # noqa: F401 (to_input: re-exported)
 
 
 @torch.no_grad()
@@ -24,13 +19,13 @@ def predict_batch(
     models: Sequence[nn.Module], batch_u8: torch.Tensor, device: torch.device, tta: bool = False, amp: bool = False
 ) -> torch.Tensor:
     """Mean p_atypical over models (a fold ensemble) and, with ``tta``, over the 8 dihedral views."""
-    x = to_input(batch_u8, device, channels_last=True)
-    views = dihedral_views(x) if tta else [x]
-    total = torch.zeros(x.shape[0], device=device)
-    for model in models:
-        for view in views:
+    views: list[Transform | None] = [partial(dihedral_view, k=k) for k in range(8)] if tta else [None]
+    total = torch.zeros(batch_u8.shape[0], device=device)
+    for view in views:
+        batch = build_batch(batch_u8, device, transform=view, channels_last=True)
+        for model in models:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-                outputs = model({"image": view})
+                outputs = model(batch)
             total += model.p_atypical(outputs)
     return (total / (len(models) * len(views))).cpu()
 

@@ -26,10 +26,14 @@ def predict_manifest(
     progress: Callable[[int], None] | None = None,
     size_policy: str | None = None,
     skip_bad: bool = False,
+    *,
+    skipped: list[tuple[str, str]] | None = None,
+    skipped_note: str = "",
 ) -> np.ndarray:
     """Mean p_atypical of ``models`` (one, or the fold ensemble) for each manifest row; NaN for
-    images skipped with ``skip_bad``. ``size_policy`` (error | center-crop | resize) overrides the
-    models' for other-sized patches."""
+    images skipped with ``skip_bad`` (appended to ``skipped`` as (path, reason); ``skipped_note``
+    tells the warning where the caller keeps that list). ``size_policy`` (error | center-crop |
+    resize) overrides the models' for other-sized patches."""
     if not models:
         raise MitotypeError("no model to predict with")
     device = device or torch.device("cpu")
@@ -40,7 +44,8 @@ def predict_manifest(
     policy = size_policy or policy
     p = np.full(len(manifest), np.nan)
     nets = [m.model for m in models]
-    batches = iter_batches(manifest["path"].tolist(), batch_size, patch_size, policy, on_bad_image="skip" if skip_bad else "error")
+    batches = iter_batches(manifest["path"].tolist(), batch_size, patch_size, policy, on_bad_image="skip" if skip_bad else "error",
+                           skipped=skipped, skipped_note=skipped_note)
     for index, batch in batches:
         p[index] = predict_batch(nets, batch, device, tta=tta).numpy()
         if progress:
@@ -68,7 +73,7 @@ def ensemble_threshold(models: list[LoadedModel], override: float | None = None)
     """The user's threshold, else the mean of the models' stored (validation-chosen) thresholds."""
     if override is not None:
         if not 0 < override < 1:
-            raise MitotypeError(f"--threshold {override}: must be in (0, 1)")
+            raise MitotypeError(f"{{threshold}} {override}: must be in (0, 1)", options=("threshold",))
         return float(override)
     return float(np.mean([m.threshold for m in models]))
 
@@ -79,15 +84,31 @@ def predict_path(
     skip_bad: bool = False,
 ) -> pd.DataFrame:
     """Read INPUT (folder or manifest, labels optional), predict with the model or fold ensemble,
-    write the prediction table atomically and return it."""
-    from mitotype._io import write_csv
+    write the prediction table atomically and return it. ``out_csv`` is checked before any work;
+    images skipped with ``skip_bad`` are listed in :func:`skipped_csv_path` beside it."""
+    from mitotype._io import check_output_file, write_csv
     from mitotype.data.readers import read_dataset
 
+    check_output_file(out_csv, "out_csv")
+    check_output_file(skipped_csv_path(out_csv), "out_csv")
+    if threshold is not None:
+        ensemble_threshold([], threshold)  # a bad threshold is refused before the models load
     models, dev = load_models(model_path, device)
+    t = ensemble_threshold(models, threshold)
     df = read_dataset(inputs, require_labels=False, skip_missing=skip_missing).manifest
     if df.empty:
         raise MitotypeError(f"{inputs}: no images found")
-    t = ensemble_threshold(models, threshold)
-    table = prediction_table(df, predict_manifest(models, df, tta=tta, device=dev, progress=progress, size_policy=size_policy, skip_bad=skip_bad), t)
+    skipped: list[tuple[str, str]] = []
+    p = predict_manifest(models, df, tta=tta, device=dev, progress=progress, size_policy=size_policy, skip_bad=skip_bad,
+                         skipped=skipped, skipped_note=str(skipped_csv_path(out_csv)))
+    table = prediction_table(df, p, t)
+    if skipped:
+        write_csv(skipped_csv_path(out_csv), pd.DataFrame(skipped, columns=["path", "reason"]))
     write_csv(out_csv, table)
     return table
+
+
+def skipped_csv_path(out_csv: Path) -> Path:
+    """Where predict lists the images it skipped: ``NAME.skipped.csv`` beside ``NAME.csv``."""
+    out_csv = Path(out_csv)
+    return out_csv.with_name(f"{out_csv.stem}.skipped.csv")

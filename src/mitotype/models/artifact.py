@@ -1,15 +1,16 @@
 """The model artifact: ``model.safetensors`` (weights, no pickle) + ``model.json`` (the card).
 
-The card says everything needed to use the weights without the run that made them: the resolved
-config (recipe, backbone, heads), preprocessing (patch size, input size, normalisation), class
-names, decision threshold, what data it was trained on and its measured metrics. ``predict``,
-``evaluate`` and later ``export`` and the bundled model all read this one format.
+The card (see :mod:`mitotype.models.card`) holds what builds the model apart from its provenance
+(training config, data, command, metrics), so ``predict``, ``evaluate``, ``export`` and the bundled
+model rebuild a network from its card alone, and a card keeps loading after the config changes.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,12 @@ from safetensors.torch import load_file, save_file
 
 import mitotype
 from mitotype._io import atomic_path, write_json
-from mitotype.config import Config, config_from_dict
+from mitotype.config import Config
 from mitotype.errors import MitotypeError
+from mitotype.models.card import CARD_FORMAT, build_spec, model_config, read_card
 from mitotype.models.pretrained import Normalization
 from mitotype.models.registry import MitotypeModel, create_model
 
-CARD_FORMAT = "mitotype-model/1"
 WEIGHTS_NAME, CARD_NAME = "model.safetensors", "model.json"
 
 
@@ -40,17 +41,29 @@ class LoadedModel:
 
     @property
     def patch_size(self) -> int:
-        return int(self.card["preprocessing"]["patch_size"])
+        return int(self.card["build"]["patch_size"])
 
     @property
     def size_policy(self) -> str:
-        return str(self.card["preprocessing"].get("size_policy", "error"))
+        return str(self.card["build"]["size_policy"])
+
+    @property
+    def mpp(self) -> float | None:
+        return self.card["build"].get("mpp")
 
 
 def save_model(model: MitotypeModel, cfg: Config, out_dir: Path, threshold: float, trained_on: dict, metrics: dict) -> None:
-    """Write weights and card atomically (weights first: a card always points at whole weights)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Write weights and card atomically (weights first: a card always points at whole weights).
+
+    Weights that are not finite (a diverged run) are refused: such a model is never saved as done.
+    """
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    broken = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if broken is not None:
+        raise MitotypeError(f"{out_dir}: the trained weights are not finite (e.g. {broken}); the model was not saved, lower train.lr")
+    if not math.isfinite(threshold) or not 0 < threshold < 1:
+        raise MitotypeError(f"{out_dir}: decision threshold {threshold} is not in (0, 1); the model was not saved")
+    out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp), metadata={"format": CARD_FORMAT})
     norm = model.normalization()
@@ -58,34 +71,37 @@ def save_model(model: MitotypeModel, cfg: Config, out_dir: Path, threshold: floa
         "format": CARD_FORMAT,
         "mitotype_version": mitotype.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "recipe": cfg.recipe,
-        "arch": cfg.model.arch,
-        "backbone": cfg.model.backbone,
-        "heads": {name: {"target": h.target, "num_classes": h.num_classes} for name, h in model.head_specs.items()},
+        "build": build_spec(cfg.model, mean=norm.mean, std=norm.std, patch_size=cfg.data.patch_size,
+                            size_policy=cfg.data.size_policy, mpp=cfg.data.mpp),
         "class_names": list(mitotype.CLASS_NAMES),
         "positive_class": "atypical",
-        "preprocessing": {
-            "patch_size": cfg.data.patch_size,
-            "size_policy": cfg.data.size_policy,
-            "input_size": cfg.model.input_size,
-            "input": "RGB uint8 / 255, resized to input_size inside the model",
-            "mean": list(norm.mean),
-            "std": list(norm.std),
-        },
         "threshold": float(threshold),
-        "trained_on": trained_on,
-        "metrics": metrics,
-        "config": cfg.to_dict(),
+        "provenance": {
+            "recipe": cfg.recipe, "description": cfg.description, "command": _command(),
+            "config": cfg.to_dict(), "trained_on": trained_on, "metrics": metrics,
+        },
     }
     write_json(out_dir / CARD_NAME, card)
 
 
+def _command() -> str:
+    """The mitotype command line that made the model, when it was made from the CLI."""
+    return " ".join(["mitotype", *sys.argv[1:]]) if Path(sys.argv[0]).name == "mitotype" else ""
+
+
 def add_card_metrics(folder: Path, name: str, metrics: dict) -> None:
-    """Record a measurement (e.g. the held-out fold's metrics) in an existing card."""
+    """Record a measurement (e.g. the held-out fold's metrics) in an existing card's provenance."""
     card_path = Path(folder) / CARD_NAME
-    card = json.loads(card_path.read_text())
-    card.setdefault("metrics", {})[name] = metrics
+    card = read_card(_read_json(card_path), card_path)
+    card["provenance"].setdefault("metrics", {})[name] = metrics
     write_json(card_path, card)
+
+
+def _read_json(card_path: Path) -> Any:
+    try:
+        return json.loads(card_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MitotypeError(f"{card_path}: unreadable model card ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
 
 
 def model_dirs(path: Path) -> list[Path]:
@@ -102,20 +118,19 @@ def model_dirs(path: Path) -> list[Path]:
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild the architecture from the card and load the weights; runs no code from the files."""
+    """Rebuild the architecture from the card's ``build`` section and load the weights; every card
+    field is checked first, and no code from the files is run."""
     folder = model_dirs(path)[0] if not (Path(path) / CARD_NAME).is_file() else Path(path)
     card_path, weights_path = folder / CARD_NAME, folder / WEIGHTS_NAME
-    try:
-        card = json.loads(card_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise MitotypeError(f"{card_path}: unreadable model card ({err})") from None
-    if card.get("format") != CARD_FORMAT:
-        raise MitotypeError(f"{card_path}: not a mitotype model card (format {card.get('format')!r})")
+    card = read_card(_read_json(card_path), card_path)
     if not weights_path.is_file():
         raise MitotypeError(f"{weights_path}: weights missing beside the card")
-    cfg = config_from_dict(card["config"])
-    model = create_model(cfg.model, pretrained=False)
-    model.set_normalization(Normalization(tuple(card["preprocessing"]["mean"]), tuple(card["preprocessing"]["std"])))
+    try:
+        model = create_model(model_config(card), pretrained=False)
+    except MitotypeError as err:
+        raise MitotypeError(f"{card_path}: {err}") from None
+    image = card["build"]["views"]["image"]
+    model.set_normalization(Normalization(tuple(image["mean"]), tuple(image["std"])))
     try:
         model.load_state_dict(load_file(str(weights_path)))
     except Exception as err:  # noqa: BLE001

@@ -40,6 +40,8 @@ def create_backbone(name: str, source: str, **kwargs) -> tuple[nn.Module, Normal
         if "Unknown model" in str(err):
             raise MitotypeError(f"model.backbone: '{name}' is not a timm model name (see timm.list_models())") from None
         raise
+    except TypeError as err:  # a model.kwargs entry the timm constructor does not take
+        raise MitotypeError(f"model.kwargs: {name} does not accept {sorted(kwargs)} ({str(err).splitlines()[0][:120]})") from None
     if source in LITE_VARIANTS:
         load_lite_weights(backbone, source)
         return backbone, Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

@@ -9,40 +9,46 @@ saved model needs nothing but uint8 patches and cannot be fed with the wrong sta
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mitotype.config import ModelConfig
+from mitotype.config import HeadConfig, ModelConfig, validate_model_config
 from mitotype.errors import MitotypeError
 from mitotype.models.pretrained import Normalization, create_backbone
 
 
-@dataclass(frozen=True)
-class Head:
-    """A named output: ``num_classes`` logits trained against manifest column ``target``."""
-
-    name: str
-    target: str = "label"
-    num_classes: int = 2
+Head = HeadConfig  # a head is configuration: name, target column, classes, loss weight, positive classes
 
 
 class MitotypeModel(nn.Module):
-    def __init__(self, backbone: nn.Module, heads: list[Head], norm: Normalization, input_size: int, drop_rate: float = 0.0):
+    """Backbone -> pooled features -> one linear layer per head; preprocessing inside ``forward``.
+
+    ``reduce_heads`` names the heads whose positive-class probabilities are averaged into
+    ``p_atypical`` (one ``label`` head today; per-expert heads in later recipes).
+    """
+
+    def __init__(
+        self, backbone: nn.Module, heads: list[HeadConfig], norm: Normalization, input_size: int, *,
+        drop_rate: float = 0.0, reduce_heads: list[str] | None = None, center_crop: int = 0,
+    ):
         super().__init__()
         self.backbone = backbone
         self.head_specs = {h.name: h for h in heads}
         self.heads = nn.ModuleDict({h.name: nn.Linear(backbone.num_features, h.num_classes) for h in heads})
+        self.reduce_heads = list(reduce_heads or [heads[0].name])
         self.dropout = nn.Dropout(drop_rate)
-        self.input_size = input_size
+        self.input_size, self.center_crop = input_size, center_crop
         self.register_buffer("mean", torch.tensor(norm.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(norm.std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x = batch["image"]
+        if self.center_crop and min(x.shape[-2:]) > self.center_crop:  # the figure sits at the patch centre
+            top, left = (x.shape[-2] - self.center_crop) // 2, (x.shape[-1] - self.center_crop) // 2
+            x = x[..., top : top + self.center_crop, left : left + self.center_crop]
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         x = (x - self.mean) / self.std
@@ -58,8 +64,9 @@ class MitotypeModel(nn.Module):
         return Normalization(tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist()))
 
     def p_atypical(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Probability of the positive class (atypical = index 1) from the ``label`` head."""
-        return outputs["label"].float().softmax(dim=1)[:, 1]
+        """Mean over ``reduce_heads`` of the probability of each head's positive (atypical) classes."""
+        per_head = [outputs[n].float().softmax(dim=1)[:, self.head_specs[n].positive].sum(dim=1) for n in self.reduce_heads]
+        return torch.stack(per_head).mean(dim=0)
 
 
 ModelBuilder = Callable[[ModelConfig, bool], MitotypeModel]
@@ -84,6 +91,7 @@ def list_models() -> list[str]:
 
 def create_model(cfg: ModelConfig, pretrained: bool = True) -> MitotypeModel:
     """Build ``cfg.arch``; with ``pretrained=False`` skip the starting weights (a checkpoint follows)."""
+    validate_model_config(cfg)
     if cfg.arch not in _BUILDERS:
         raise MitotypeError(f"model.arch: '{cfg.arch}' is not a registered model (known: {', '.join(list_models())})")
     return _BUILDERS[cfg.arch](cfg, pretrained)
@@ -91,12 +99,12 @@ def create_model(cfg: ModelConfig, pretrained: bool = True) -> MitotypeModel:
 
 @register_model("timm")
 def timm_classifier(cfg: ModelConfig, pretrained: bool = True) -> MitotypeModel:
-    """Any timm backbone, pooled features, dropout, one two-class head."""
+    """Any timm backbone, pooled features, dropout, the configured heads; ``model.kwargs`` go to timm."""
     source = cfg.pretrained if pretrained else "none"
     kwargs = {"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate else {}
-    backbone, norm = create_backbone(cfg.backbone, source, **kwargs)
+    backbone, norm = create_backbone(cfg.backbone, source, **kwargs, **cfg.kwargs)
     freeze_leading_groups(backbone, cfg.freeze_groups)
-    return MitotypeModel(backbone, [Head("label")], norm, cfg.input_size, cfg.drop_rate)
+    return MitotypeModel(backbone, list(cfg.heads), norm, cfg.input_size, drop_rate=cfg.drop_rate, reduce_heads=cfg.reduce_heads, center_crop=cfg.center_crop)
 
 
 def freeze_leading_groups(backbone: nn.Module, n: int) -> None:

@@ -7,6 +7,7 @@ epoch, the best score and the history. Written atomically every epoch; read back
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,12 @@ from mitotype.errors import MitotypeError
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomic: a failed write (torch reports a full disk as a RuntimeError) keeps the last checkpoint."""
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as err:  # torch's C++ writer: "PytorchStreamWriter failed writing file ..."
+            raise OSError(errno.EIO, f"checkpoint write failed: {str(err).splitlines()[0][:160]}") from None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

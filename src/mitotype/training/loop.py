@@ -24,14 +24,16 @@ from mitotype._io import atomic_path, write_csv
 from mitotype.config import Config, record_config
 from mitotype.data.images import ImageStore
 from mitotype.evaluation.metrics import best_threshold, binary_metrics
-from mitotype.inference.engine import predict_batch, resolve_device, to_input
+from mitotype.errors import MitotypeError
+from mitotype.inference.engine import predict_batch, resolve_device
 from mitotype.models.artifact import CARD_NAME, save_model
 from mitotype.progress import console, progress_bar
 from mitotype.models.registry import MitotypeModel, create_model
 from mitotype.training.checkpoint import load_checkpoint, save_checkpoint
-from mitotype.training.losses import HeadLoss
+from mitotype.training.losses import HeadLoss, head_targets
 from mitotype.training.schedule import warmup_cosine
 from mitotype.transforms.augment import BatchAugment
+from mitotype.transforms.batch import build_batch
 
 
 
@@ -116,6 +118,7 @@ def fit(
                 warnings.warn(f"{setting} needs validation rows (data.val_fraction, --val or a val/ split); ignored", stacklevel=2)
     labels = manifest["label"].to_numpy()
     train_labels = labels[train_idx]
+    targets_all = head_targets(manifest, {h.name: h for h in cfg.model.heads})  # checked before any work
     model = create_model(cfg.model).to(device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -123,11 +126,9 @@ def fit(
     steps_per_epoch = math.ceil(len(train_idx) / t.batch_size)
     scheduler = warmup_cosine(optimizer, round(t.warmup_epochs * steps_per_epoch), t.epochs * steps_per_epoch, t.min_lr_ratio)
     augment = BatchAugment(cfg.augment).to(device)
-    class_counts = torch.bincount(torch.from_numpy(train_labels), minlength=2).float()
-    criterion = HeadLoss(cfg.loss, model.head_specs, class_counts).to(device)
+    criterion = HeadLoss(cfg.loss, model.head_specs, {col: v[train_idx] for col, v in targets_all.items()}).to(device)
     sample_gen = torch.Generator().manual_seed(t.seed + 1)
     augment_gen = torch.Generator().manual_seed(t.seed + 2)
-    targets_all = {col: torch.as_tensor(manifest[col].to_numpy().astype(np.int64)) for col in {h.target for h in model.head_specs.values()}}
 
     start_epoch, history, best_state = 0, [], None
     best = {"score": -1.0, "epoch": -1, "bad_epochs": 0}
@@ -158,12 +159,10 @@ def fit(
             tic, loss_sum = time.perf_counter(), torch.zeros((), device=device)
             for step in range(steps_per_epoch):
                 rows = order[step * t.batch_size : (step + 1) * t.batch_size]
-                x = augment(to_input(store.batch(rows), device), augment_gen)
-                if t.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+                batch = build_batch(store.batch(rows), device, transform=lambda x: augment(x, augment_gen), channels_last=t.channels_last)
                 targets = {col: v[rows].to(device, non_blocking=True) for col, v in targets_all.items()}
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.amp and on_cuda):
-                    outputs = model({"image": x})
+                    outputs = model(batch)
                 loss = criterion(outputs, targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -174,6 +173,8 @@ def fit(
                 loss_sum += loss.detach()
                 if step % 10 == 0 or step == steps_per_epoch - 1:
                     progress.update(task, completed=min(len(order), (step + 1) * t.batch_size), loss=f"loss {loss_sum.item() / (step + 1):.4f}")
+            if not math.isfinite(loss_sum.item()):  # never checkpoint or save a diverged model
+                raise MitotypeError(f"{run_dir}: training diverged in epoch {epoch + 1} (loss {loss_sum.item()}); lower train.lr")
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch, "lr": optimizer.param_groups[1]["lr"], "train_seconds": time.perf_counter() - tic}
             if val_idx is not None and len(val_idx):
                 p = predict_rows([model], store, val_idx, device, t.eval_batch_size, amp=t.amp)

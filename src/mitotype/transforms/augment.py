@@ -385,18 +385,18 @@ def _rotation(cos: np.ndarray, sin: np.ndarray, aspect: float) -> np.ndarray:
     return r
 
 
-def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
-    """The 8 flips / rotations of a batch (identity first), for test-time augmentation.
-
-    Order: rotations by 0, 90, 180, 270 degrees, then the same four of the horizontally
-    flipped batch. Works on the last two axes; for non-square images the odd rotations come
-    back with H and W swapped.
-    """
+def dihedral_view(x: torch.Tensor, k: int) -> torch.Tensor:
+    """View ``k`` (0..7) of the 8 flips / rotations of a batch: rotation by ``k % 4`` x 90 degrees,
+    of the horizontally flipped batch when ``k >= 4``. Works on the last two axes; for non-square
+    images the odd rotations come back with H and W swapped."""
     if x.dim() < 2:
-        raise ValueError(f"dihedral_views: expected (..., H, W), got shape {tuple(x.shape)}")
-    flipped = x.flip(-1)
-    views = [x]
-    views += [torch.rot90(x, k, dims=(-2, -1)) for k in (1, 2, 3)]
-    views += [flipped]
-    views += [torch.rot90(flipped, k, dims=(-2, -1)) for k in (1, 2, 3)]
-    return views
+        raise ValueError(f"dihedral_view: expected (..., H, W), got shape {tuple(x.shape)}")
+    if not 0 <= k < 8:
+        raise ValueError(f"dihedral_view: k must be 0..7, got {k}")
+    base = x.flip(-1) if k >= 4 else x
+    return torch.rot90(base, k % 4, dims=(-2, -1)) if k % 4 else base
+
+
+def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips / rotations of a batch (identity first), for test-time augmentation."""
+    return [dihedral_view(x, k) for k in range(8)]

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from mitotype._io import write_csv
+import pandas as pd
+
+from mitotype._io import check_output_dir, write_csv
 from mitotype.data.manifest import require_labels
 from mitotype.data.readers import read_dataset
 from mitotype.data.splits import evaluation_rows
@@ -18,13 +20,19 @@ def evaluate_model(
     skip_missing: bool = False, device: str = "auto", n_boot: int = 1000, progress: Callable[[int], None] | None = None,
     size_policy: str | None = None, skip_bad: bool = False,
 ) -> tuple[dict, int]:
-    """Writes predictions.csv, metrics.json, roc.png, confusion.png; returns (metrics, n_models)."""
+    """Writes predictions.csv, metrics.json, roc.png, confusion.png (and skipped.csv, the images
+    left out with ``skip_bad``); returns (metrics, n_models). ``out_dir`` is checked before any work."""
+    check_output_dir(out_dir, "out_dir")
     models, dev = load_models(model_path, device)
+    t = ensemble_threshold(models, threshold)
     df = read_dataset(data, skip_missing=skip_missing).manifest
     df = df.iloc[evaluation_rows(df)].reset_index(drop=True)
     require_labels(df, str(data))
-    t = ensemble_threshold(models, threshold)
-    p = predict_manifest(models, df, tta=tta, device=dev, progress=progress, size_policy=size_policy, skip_bad=skip_bad)
+    skipped: list[tuple[str, str]] = []
+    p = predict_manifest(models, df, tta=tta, device=dev, progress=progress, size_policy=size_policy, skip_bad=skip_bad,
+                         skipped=skipped, skipped_note=str(out_dir / "skipped.csv"))
+    if skipped:
+        write_csv(out_dir / "skipped.csv", pd.DataFrame(skipped, columns=["path", "reason"]))
     write_csv(out_dir / "predictions.csv", prediction_table(df, p, t))
     scored = df.assign(p_atypical=p)[["label", "p_atypical", "domain"]].dropna(subset=["p_atypical"])  # skipped images
     require_labels(scored, f"{data} (after skipping unusable images)")

@@ -8,6 +8,9 @@ A run directory is the unit of reuse: ``config.yaml``, ``manifest.csv``, per-mod
 
 from __future__ import annotations
 
+import functools
+import inspect
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -16,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mitotype._io import write_csv, write_json
+from mitotype._io import check_output_dir, write_csv, write_json
 from mitotype.config import Config, record_config
-from mitotype.data.images import ImageStore, decode_all
+from mitotype.data.images import ImageStore, decode_all, skipped_table
 from mitotype.data.manifest import require_labels
 from mitotype.data.readers import read_dataset
 from mitotype.data.splits import grouped_folds, read_split_file, train_val_split, training_rows
@@ -37,22 +40,28 @@ class Dataset:
     manifest: pd.DataFrame
     store: ImageStore
     problems: list[str]
+    skipped: pd.DataFrame | None = None  # (path, reason) of unusable images left out
 
     def subset(self, index: np.ndarray) -> "Dataset":
-        return Dataset(self.manifest.iloc[index].reset_index(drop=True), self.store.subset(index), self.problems)
+        return Dataset(self.manifest.iloc[index].reset_index(drop=True), self.store.subset(index), self.problems, self.skipped)
 
 
-def load_dataset(path: str | Path, cfg: Config, skip_missing: bool = False) -> Dataset:
-    """Read, check and decode a labelled dataset once; unusable images are an error, or skipped if asked."""
+def load_dataset(path: str | Path, cfg: Config, skip_missing: bool = False, *, skipped_note: str = "skipped.csv in the run directory") -> Dataset:
+    """Read, check and decode a labelled dataset once; unusable images are an error, or skipped if asked
+    (the run writes their full list where ``skipped_note`` says)."""
     read = read_dataset(path, skip_missing=skip_missing)
     for problem in read.problems:  # e.g. no slide information: the user must hear it before training
         warnings.warn(problem, stacklevel=2)
     require_labels(read.manifest, str(path))
-    store, bad = decode_all(read.manifest["path"].tolist(), cfg.data.patch_size, cfg.data.size_policy, cfg.data.on_bad_image, cfg.data.cache_dir)
+    store, bad = decode_all(read.manifest["path"].tolist(), cfg.data.patch_size, cfg.data.size_policy, cfg.data.on_bad_image, cfg.data.cache_dir,
+                            skipped_note=skipped_note)
     manifest = read.manifest.iloc[store.rows].reset_index(drop=True)
+    skipped = None
     if bad:
         require_labels(manifest, f"{path} (after skipping {len(bad)} bad image(s))")
-    return Dataset(manifest, store, read.problems + bad)
+        left_out = np.setdiff1d(np.arange(len(read.manifest)), store.rows)  # in path order, like ``bad``
+        skipped = skipped_table(bad, read.manifest["path"].to_numpy()[left_out].tolist())
+    return Dataset(manifest, store, read.problems + bad, skipped)
 
 
 def learnable(data: Dataset) -> Dataset:
@@ -61,16 +70,60 @@ def learnable(data: Dataset) -> Dataset:
     return data if len(rows) == len(data.manifest) else data.subset(rows)
 
 
+def check_run_dir(out: Path, resume: bool) -> Path:
+    """Before any work: ``out`` can be created and written, and holds no earlier run unless resuming."""
+    check_output_dir(out, "out")
+    if out.is_dir() and any(out.iterdir()) and not resume:
+        raise MitotypeError(f"{out}: run directory exists and is not empty; pass {{resume}} to continue it, or choose another run directory",
+                            options=("resume",))
+    return out
+
+
 def _prepare_dir(out: Path, resume: bool) -> None:
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise MitotypeError(f"{out}: run directory exists and is not empty; pass --resume to continue it, or choose another --out")
+    check_run_dir(out, resume)
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _write_skipped(out: Path, *datasets: Dataset | None) -> None:
+    tables = [d.skipped for d in datasets if d is not None and d.skipped is not None]
+    if tables:
+        write_csv(out / "skipped.csv", pd.concat(tables, ignore_index=True))
+
+
+def _trained_nothing(out: Path) -> bool:
+    return not any(next(out.rglob(pattern), None) for pattern in ("last.pt", "*.safetensors", "model.json"))
+
+
+def _clean_failed_start(job):
+    """A job that fails before anything was trained in a directory it found empty or absent
+    removes what it wrote there (config.yaml, manifest.csv...), so the same command can be rerun."""
+
+    @functools.wraps(job)
+    def run(*args, **kwargs):
+        bound = inspect.signature(job).bind(*args, **kwargs)
+        out = Path(bound.arguments["out"])
+        existed = out.exists()
+        fresh = not existed or (out.is_dir() and not any(out.iterdir()))
+        try:
+            return job(*args, **kwargs)
+        except Exception:
+            if fresh and out.is_dir() and _trained_nothing(out):
+                if existed:
+                    for entry in out.iterdir():
+                        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                else:
+                    shutil.rmtree(out)
+            raise
+
+    return run
+
+
+@_clean_failed_start
 def train(cfg: Config, data: Dataset, out: Path, resume: bool = False, val: Dataset | None = None, **fit_kwargs) -> dict:
     """One model. Validation rows: a separate dataset, the manifest's ``val`` split, or a grouped
     hold-out of ``data.val_fraction``; none if none of these is given."""
     _prepare_dir(out, resume)
+    _write_skipped(out, data, val)
     data = learnable(data)
     manifest, store = data.manifest, data.store
     if val is not None:
@@ -99,16 +152,19 @@ def _record_splits(path: Path, table: pd.DataFrame, resume: bool) -> None:
     if resume and path.is_file():
         old = pd.read_csv(path, usecols=["path", "fold"])
         if dict(zip(old["path"], old["fold"])) != dict(zip(table["path"], table["fold"])):
-            raise MitotypeError(f"{path}: --resume with other folds (changed data, --folds, split seed or split file); start a new run")
+            raise MitotypeError(f"{path}: {{resume}} with other folds (changed data, {{folds}}, split seed or split file); start a new run",
+                                options=("resume", "folds"))
         return
     write_csv(path, table)
 
 
+@_clean_failed_start
 def cross_validate(
     cfg: Config, data: Dataset, folds: int, out: Path, resume: bool = False, split_file: Path | None = None, n_boot: int = 1000, **fit_kwargs
 ) -> dict:
     """K grouped folds: K models, out-of-fold predictions, per-fold and mean ± sd metrics."""
     _prepare_dir(out, resume)
+    _write_skipped(out, data)
     started = time.perf_counter()
     data = learnable(data)
     manifest, store = data.manifest, data.store
