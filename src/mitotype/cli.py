@@ -131,19 +131,26 @@ def cv(
     recipe: str = RecipeOpt,
     overrides: Optional[List[str]] = SetOpt,
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="CSV assigning each path or group a fold / split."),
+    group_by: Optional[str] = typer.Option(None, "--group-by", help="Leave one domain out: one fold per value of these manifest "
+                                           "columns, e.g. domain or domain,scanner (replaces --folds)."),
     resume: bool = typer.Option(False, "--resume", help="Reuse finished folds; continue the interrupted one."),
     skip_bad: bool = SkipBadOpt,
     skip_missing: bool = SkipMissingOpt,
     device: Optional[str] = DeviceOpt,
 ) -> None:
-    """Grouped K-fold cross-validation: K models, out-of-fold predictions, summary.json."""
+    """Grouped K-fold cross-validation (or leave-one-domain-out): K models, out-of-fold predictions, summary.json."""
     from mitotype.workflows.runs import check_run_dir, cross_validate, load_dataset
 
     cfg = _config(recipe, overrides, skip_bad, device)
-    out_dir = out_dir or Path("runs") / f"{cfg.recipe}-cv{folds}"
+    columns = [c.strip() for c in group_by.split(",") if c.strip()] if group_by else None
+    if group_by is not None and not columns:
+        raise MitotypeError(f"--group-by '{group_by}': name one or more manifest columns, e.g. domain,scanner")
+    if columns and split_file:
+        raise MitotypeError("--group-by and --split-file both choose the folds; give one of them")
+    out_dir = out_dir or Path("runs") / (f"{cfg.recipe}-by-{'-'.join(columns)}" if columns else f"{cfg.recipe}-cv{folds}")
     check_run_dir(out_dir, resume)
     ds = load_dataset(_existing(data, "--data"), cfg, skip_missing)
-    summary = cross_validate(cfg, ds, folds, out_dir, resume=resume, split_file=split_file)
+    summary = cross_validate(cfg, ds, folds, out_dir, resume=resume, split_file=split_file, group_by=columns)
     _print_cv(summary, out_dir)
 
 
@@ -253,6 +260,11 @@ def _print_cv(summary: dict, out_dir: Path) -> None:
         mean, sd = summary["mean"][m], summary["sd"][m]
         table.add_row(m, "–" if mean is None else f"{mean:.3f} ± {sd:.3f}", _fmt(summary["out_of_fold"][m]))
     out.print(table)
+    if summary.get("group_by"):
+        held = Table("held out", "patches", "balanced accuracy", "AUROC")
+        for fold in summary["per_fold"]:
+            held.add_row(fold["held_out"], str(fold["n"]), _fmt(fold["balanced_accuracy"]), _fmt(fold["roc_auc"]))
+        out.print(held)
     out.print(f"{summary['folds']} folds, {summary['n']} patches, {summary['wall_seconds']} s → {out_dir}/summary.json")
 
 

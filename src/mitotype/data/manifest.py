@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mitotype.data.domains import scanners
 from mitotype.errors import MitotypeError
 
 CORE_COLUMNS = ["path", "label", "group", "domain", "split", "n_votes", "votes_atypical", "hard", "subtype"]
@@ -59,6 +60,7 @@ def finalize(df: pd.DataFrame) -> pd.DataFrame:
         df["n_votes"] = 0
         df["votes_atypical"] = 0
     df["hard"] = (df["n_votes"] >= 2) & (df["votes_atypical"] > 0) & (df["votes_atypical"] < df["n_votes"])
+    df["scanner"] = scanners(df)
     rest = [c for c in df.columns if c not in CORE_COLUMNS]
     return df[CORE_COLUMNS + rest].reset_index(drop=True)
 

@@ -21,6 +21,7 @@ import pandas as pd
 
 from mitotype._io import check_output_dir, write_csv, write_json
 from mitotype.config import Config, record_config
+from mitotype.data.domains import leave_one_out_folds
 from mitotype.data.images import ImageStore, decode_all, skipped_table
 from mitotype.data.manifest import require_labels
 from mitotype.data.readers import read_dataset
@@ -160,15 +161,26 @@ def _record_splits(path: Path, table: pd.DataFrame, resume: bool) -> None:
 
 @_clean_failed_start
 def cross_validate(
-    cfg: Config, data: Dataset, folds: int, out: Path, resume: bool = False, split_file: Path | None = None, n_boot: int = 1000, **fit_kwargs
+    cfg: Config, data: Dataset, folds: int, out: Path, resume: bool = False, split_file: Path | None = None, n_boot: int = 1000,
+    group_by: list[str] | None = None, **fit_kwargs
 ) -> dict:
-    """K grouped folds: K models, out-of-fold predictions, per-fold and mean ± sd metrics."""
+    """K grouped folds: K models, out-of-fold predictions, per-fold and mean ± sd metrics.
+
+    Folds are grouped by slide (``folds`` of them), read from ``split_file``, or, with ``group_by``
+    (manifest columns such as domain and scanner), one per value: leave one domain out.
+    """
     _prepare_dir(out, resume)
     _write_skipped(out, data)
     started = time.perf_counter()
     data = learnable(data)
     manifest, store = data.manifest, data.store
-    fold_of = read_split_file(split_file, manifest) if split_file else grouped_folds(manifest, folds, cfg.data.split_seed)
+    held_out: list[str] | None = None
+    if group_by:
+        fold_of, held_out = leave_one_out_folds(manifest, group_by)
+    elif split_file:
+        fold_of = read_split_file(split_file, manifest)
+    else:
+        fold_of = grouped_folds(manifest, folds, cfg.data.split_seed)
     k = int(fold_of.max()) + 1
     record_config(out / "config.yaml", cfg, resume)
     _record_splits(out / "splits.csv", manifest.assign(fold=fold_of), resume)
@@ -216,7 +228,8 @@ def cross_validate(
         "split_seed": cfg.data.split_seed,
         "mean": {m: v["mean"] for m, v in spread.items()},
         "sd": {m: v["sd"] for m, v in spread.items()},
-        "per_fold": [{"fold": i, "threshold": thresholds[i], "seconds": fold_seconds[i], **{m: fold_metrics[i][m] for m in METRIC_NAMES}, "n": fold_metrics[i]["n"]} for i in range(k)],
+        "group_by": list(group_by or []),
+        "per_fold": [{"fold": i, **({"held_out": held_out[i]} if held_out else {}), "threshold": thresholds[i], "seconds": fold_seconds[i], **{m: fold_metrics[i][m] for m in METRIC_NAMES}, "n": fold_metrics[i]["n"]} for i in range(k)],
         "out_of_fold": {m: pooled[m] for m in (*METRIC_NAMES, "threshold")},  # pooled at the folds' mean threshold
         "out_of_fold_ci95": pooled.get("ci95", {}),
         "out_of_fold_best_threshold": {"threshold": tuned, **{m: binary_metrics(y, p_oof, tuned)[m] for m in METRIC_NAMES}},
