@@ -2,7 +2,8 @@
 
 ``decode_all`` with a cache folder is what every training run and every fold starts with: the
 first call decodes on a thread pool and writes a ``.npy``; later calls with unchanged files only
-memory-map it. Each round decodes into a fresh temporary cache folder, then re-opens it (the\nre-open must follow its decode, so the two do not rotate like the other scripts' sides).
+memory-map it. Each round decodes into a fresh temporary cache folder, then re-opens it (the
+re-open must follow its decode, so the two do not rotate like the other scripts' sides).
 
     .venv/bin/python benchmarks/decode_speed.py [--data ../shared/data/ami-br-train] [--n 0] [--rounds 3]
 """

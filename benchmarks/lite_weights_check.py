@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("| variant | input px | normalisation mean / std | top-1 class | p(top-1) | cat mass (281–285) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['variant']} | {r['size']} | {r['norm'].mean[0]:g} / {r['norm'].std[0]:g} | {r['top']} {r['name']} | {r['p']:.3f} | {r['cat_mass']:.3f} |")
+        norm = f"{r['norm'].mean[0]:g} / {r['norm'].std[0]:g}"
+        print(f"| {r['variant']} | {r['size']} | {norm} | {r['top']} {r['name']} | {r['p']:.3f} | {r['cat_mass']:.3f} |")
     return rows
 
 

@@ -143,3 +143,15 @@ def test_non_finite_weights_are_never_saved(tmp_path: Path) -> None:
     with pytest.raises(MitotypeError, match="not finite .*heads.label.weight.*not saved"):
         save_model(model, cfg, tmp_path / "m", threshold=0.5, trained_on={}, metrics={})
     assert not (tmp_path / "m" / CARD_NAME).exists()
+
+
+def test_a_diverged_run_stops_with_one_line_and_saves_no_model(amibr: Path, tiny: list[str], tmp_path: Path, monkeypatch) -> None:
+    from mitotype.training.losses import HeadLoss
+    from mitotype.workflows.runs import load_dataset, train
+
+    real = HeadLoss.forward
+    monkeypatch.setattr(HeadLoss, "forward", lambda self, o, t: real(self, o, t) * float("nan"))
+    cfg = load_config(None, tiny)
+    with pytest.raises(MitotypeError, match="training diverged in epoch 1 .*lower train.lr"):
+        train(cfg, load_dataset(amibr, cfg), tmp_path / "run")
+    assert not (tmp_path / "run" / CARD_NAME).exists() and not (tmp_path / "run" / "checkpoints" / "last.pt").exists()

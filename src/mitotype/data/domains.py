@@ -54,7 +54,8 @@ def leave_one_out_folds(df: pd.DataFrame, columns: list[str]) -> tuple[np.ndarra
     """
     key = domain_key(df, columns)
     if (key == "").any():
-        raise MitotypeError(f"group_by {','.join(columns)}: {int((key == '').sum())} patch(es) have no value, e.g. {df['path'][key == ''].iloc[0]}")
+        first = df["path"][key == ""].iloc[0]
+        raise MitotypeError(f"group_by {','.join(columns)}: {int((key == '').sum())} patch(es) have no value, e.g. {first}")
     names = sorted(key.unique())
     if len(names) < 2:
         raise MitotypeError(f"group_by {','.join(columns)}: only one value ({names[0] if names else 'none'}); nothing to leave out")

@@ -79,7 +79,8 @@ def read_card(card: Any, path: Path) -> dict[str, Any]:
     image = check.mapping(check.mapping(build, "views", "build"), "image", "build.views")
     for stat in ("mean", "std"):
         values = check.get(image, stat, "build.views.image")
-        if not (isinstance(values, list) and len(values) == 3 and all(_finite(v) for v in values)) or (stat == "std" and min(values) <= 0):
+        ok = isinstance(values, list) and len(values) == 3 and all(_finite(v) for v in values)
+        if not ok or (stat == "std" and min(values) <= 0):
             check.fail(f"build.views.image.{stat}", f"expected 3 finite numbers{' > 0' if stat == 'std' else ''}, got {values!r}")
     try:
         validate_model_config(model_config(card), where=f"{path}: build")

@@ -129,7 +129,11 @@ def lite_state_dict(variant: str) -> dict[str, torch.Tensor]:
 
 
 def load_lite_weights(model: torch.nn.Module, variant: str) -> None:
-    """Load the mapped weights into a timm tf_efficientnet_liteN model that may have a different classifier (num_classes != 1000, or num_classes=0): copy every tensor whose name and shape match, skip classifier.* when shapes differ; raise MitotypeError if any non-classifier tensor is missing or mismatched (e.g. wrong architecture for the variant).
+    """Load the mapped weights into a timm ``tf_efficientnet_liteN`` that may have another classifier.
+
+    Every tensor whose name and shape match is copied; ``classifier.*`` is skipped when its shape
+    differs (num_classes != 1000, or 0). A missing or mismatched non-classifier tensor (e.g. the
+    wrong architecture for the variant) is a MitotypeError.
 
     The whole check happens before anything is copied, so a failed call leaves ``model`` as it was.
     ``num_batches_tracked`` counters are copied when present but never required.

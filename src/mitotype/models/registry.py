@@ -104,7 +104,8 @@ def timm_classifier(cfg: ModelConfig, pretrained: bool = True) -> MitotypeModel:
     kwargs = {"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate else {}
     backbone, norm = create_backbone(cfg.backbone, source, **kwargs, **cfg.kwargs)
     freeze_leading_groups(backbone, cfg.freeze_groups)
-    return MitotypeModel(backbone, list(cfg.heads), norm, cfg.input_size, drop_rate=cfg.drop_rate, reduce_heads=cfg.reduce_heads, center_crop=cfg.center_crop)
+    return MitotypeModel(backbone, list(cfg.heads), norm, cfg.input_size,
+                         drop_rate=cfg.drop_rate, reduce_heads=cfg.reduce_heads, center_crop=cfg.center_crop)
 
 
 def freeze_leading_groups(backbone: nn.Module, n: int) -> None:
