@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,10 @@ def cv_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_cv_prints_the_summary(cv_run: tuple[Path, Path]) -> None:
     _, run = cv_run
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["folds"] == 3 and 0 <= summary["mean"]["balanced_accuracy"] <= 1
+    assert summary["folds"] == 3 and summary["n"] == 40 and summary["n_atypical"] == 12
+    per_fold = [f["balanced_accuracy"] for f in summary["per_fold"]]
+    assert summary["mean"]["balanced_accuracy"] == pytest.approx(sum(per_fold) / 3)
+    assert sum(f["n"] for f in summary["per_fold"]) == 40  # every patch held out exactly once
 
 
 def test_evaluate_a_fold_ensemble(cv_run: tuple[Path, Path], tmp_path: Path) -> None:
@@ -179,3 +183,89 @@ def test_a_trained_model_scores_atypical_above_normal_and_predict_flags_act(tmp_
     assert np.allclose(turned(tta), tta[original.index], atol=1e-5)
     assert np.abs(turned(p) - original).max() > 1e-3  # without TTA orientation matters
     assert np.abs(tta - p).max() > 1e-3  # --tta is applied
+
+
+def _in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
+    """``mitotype ARGS`` run in this process (no interpreter start-up), as a CompletedProcess."""
+    from mitotype.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["mitotype", *map(str, args)])
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def test_a_manifest_row_without_its_image_stops_or_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    data = write_class_folders(tmp_path / "d")
+    (data / "Normal" / "N_004.png").unlink()  # metadata.csv line 18 (12 atypical rows, then N_000..N_004)
+    run = lambda *a: _in_process(monkeypatch, capsys, *a)  # noqa: E731
+    _one_line_error(run("train", "--data", data, "--out", tmp_path / "r", *sets("train.epochs=1")),
+                    "metadata.csv", "row 18", "N_004.png", "--skip-missing")
+    assert not (tmp_path / "r").exists()
+    with pytest.warns(UserWarning, match=r"row 18 \(N_004.png\).*dropped"):  # in this process warnings reach pytest, not stderr
+        result = run("train", "--data", data, "--out", tmp_path / "r", "--skip-missing", *sets("train.epochs=1"))
+    assert result.returncode == 0, result.stderr
+    manifest = pd.read_csv(tmp_path / "r" / "manifest.csv")
+    assert len(manifest) == 39 and not manifest["path"].str.endswith("N_004.png").any()
+    _one_line_error(run("predict", data, "--model", tmp_path / "r", "--out", tmp_path / "p.csv"), "row 18", "N_004.png", "--skip-missing")
+    with pytest.warns(UserWarning, match="N_004.png"):
+        result = run("predict", data, "--model", tmp_path / "r", "--out", tmp_path / "p.csv", "--skip-missing")
+    assert result.returncode == 0, result.stderr
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 39
+
+
+def _palette(im: Image.Image, transparent: bool) -> Image.Image:
+    out = im.convert("P", palette=Image.ADAPTIVE)
+    if transparent:
+        out.info["transparency"] = 0
+    return out
+
+
+@pytest.mark.parametrize("kind, make, message", [
+    ("palette+alpha", lambda im: _palette(im, True), "palette image with transparency"),
+    ("LA", lambda im: im.convert("LA"), "greyscale image (LA)"),
+    ("L", lambda im: im.convert("L"), "greyscale image (L)"),
+    ("RGBA", lambda im: Image.merge("RGBA", (*im.split(), Image.new("L", im.size, 128))), "RGBA image with transparent pixels"),
+    ("16-bit", lambda im: im.convert("I;16"), "16/32-bit"),
+    ("CMYK", lambda im: im.convert("CMYK"), "CMYK image"),
+])
+def test_unusable_image_modes_stop_train_and_are_skipped_on_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture, kind: str, make, message: str) -> None:
+    data = write_class_folders(tmp_path / "d")
+    target = data / "Normal" / "N_006.png"
+    with Image.open(data / "Normal" / "N_001.png") as im:
+        bad = make(im.convert("RGB"))
+    bad.save(target.with_suffix(".tif") if kind == "CMYK" else target, **({"transparency": 0} if kind == "palette+alpha" else {}))
+    if kind == "CMYK":  # PNG cannot hold CMYK: the same row points at a TIFF
+        target.unlink()
+        target = target.with_suffix(".tif")
+        meta = pd.read_csv(data / "metadata.csv")
+        meta.loc[meta["filename"] == "N_006.png", "filename"] = "N_006.tif"
+        meta.to_csv(data / "metadata.csv", index=False)
+    run = lambda *a: _in_process(monkeypatch, capsys, *a)  # noqa: E731
+    _one_line_error(run("train", "--data", data, "--out", tmp_path / "r", *sets("train.epochs=1")), target.name, message, "--skip-bad")
+    with pytest.warns(UserWarning, match=re.escape(f"skipped 1 unusable image(s): {target}: ") + ".*" + re.escape(message)):
+        result = run("train", "--data", data, "--out", tmp_path / "r", "--skip-bad", *sets("train.epochs=1"))
+    assert result.returncode == 0, result.stderr
+    assert len(pd.read_csv(tmp_path / "r" / "manifest.csv")) == 39
+
+
+def test_an_opaque_palette_image_is_used_as_rgb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import numpy as np
+
+    from mitotype.data.images import decode_patch
+
+    data = write_class_folders(tmp_path / "d")
+    with Image.open(data / "Normal" / "N_001.png") as im:
+        palette = _palette(im.convert("RGB"), False)
+    palette.save(data / "Normal" / "N_006.png")
+    assert np.array_equal(decode_patch(data / "Normal" / "N_006.png", 32), np.asarray(palette.convert("RGB")))
+    result = _in_process(monkeypatch, capsys, "train", "--data", data, "--out", tmp_path / "r", *sets("train.epochs=1"))
+    assert result.returncode == 0, result.stderr
+    assert len(pd.read_csv(tmp_path / "r" / "manifest.csv")) == 40

@@ -217,7 +217,7 @@ def test_http_404_is_one_line(tmp_path: Path) -> None:
 
 
 def test_unreachable_host_says_offline(tmp_path: Path) -> None:
-    with pytest.raises(MitotypeError, match=r"could not reach http://127\.0\.0\.1:9/.*offline\? download it elsewhere and pass the folder with --data") as err:
+    with pytest.raises(MitotypeError, match=r"could not reach http://127\.0\.0\.1:9/.*offline\? download it elsewhere and point mitotype at that folder") as err:
         dl.download("midog25-atypical", tmp_path, base_url=CLOSED, progress=False)
     assert "\n" not in str(err.value)
     assert leftovers(tmp_path) == []

@@ -24,7 +24,7 @@ def test_model_returns_named_logits_and_p_atypical() -> None:
     outputs = model({"image": torch.rand(3, 3, 32, 32)})
     assert set(outputs) == {"label"} and outputs["label"].shape == (3, 2)
     p = model.p_atypical(outputs)
-    assert p.shape == (3,) and torch.all((p >= 0) & (p <= 1))
+    assert torch.allclose(p, outputs["label"].softmax(dim=1)[:, 1])  # atypical is index 1
     assert "timm" in list_models()
 
 
@@ -115,3 +115,17 @@ def test_artifact_roundtrip_keeps_predictions_and_card(tmp_path: Path) -> None:
         load_model(tmp_path / "m")
     with pytest.raises(MitotypeError, match="no model here"):
         load_model(tmp_path)
+
+
+def test_p_atypical_reduces_the_named_heads_positive_classes() -> None:
+    from mitotype.config import HeadConfig
+
+    heads = [HeadConfig("label"), HeadConfig("phase", target="phase", num_classes=4, positive=[2, 3]), HeadConfig("aux", target="aux")]
+    model = create_model(tiny_cfg(heads=heads, reduce_heads=["label", "phase"]))
+    outputs = {"label": torch.tensor([[0.0, 2.0], [3.0, -1.0]]), "phase": torch.tensor([[0.1, 0.2, 1.5, -0.3], [2.0, 0.0, -1.0, 0.5]]),
+               "aux": torch.tensor([[9.0, -9.0], [-9.0, 9.0]])}
+    label = outputs["label"].softmax(dim=1)[:, 1]
+    phase = outputs["phase"].softmax(dim=1)[:, 2:].sum(dim=1)
+    assert torch.allclose(model.p_atypical(outputs), (label + phase) / 2, atol=1e-7)  # aux is not reduced
+    assert set(model({"image": torch.rand(2, 3, 32, 32)})) == {"label", "phase", "aux"}
+    assert model.heads["phase"].out_features == 4

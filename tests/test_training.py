@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,20 +15,126 @@ from mitotype.errors import MitotypeError
 from mitotype.models.registry import Head
 from mitotype.training.checkpoint import load_checkpoint
 from mitotype.training.loop import Interrupted, epoch_order, fit
-from mitotype.training.losses import HeadLoss, focal_loss
+from mitotype.training.losses import MISSING, HeadLoss, class_weights, focal_loss, head_targets
 from mitotype.workflows.runs import cross_validate, load_dataset, train
 from mitotype.training.schedule import WarmupCosine
 
 
-def test_focal_loss_reduces_to_weighted_ce_and_downweights_easy() -> None:
-    logits = torch.tensor([[2.0, -1.0], [0.1, 0.3], [-3.0, 3.0]])
-    target = torch.tensor([0, 1, 1])
-    ce = F.cross_entropy(logits, target)
-    assert focal_loss(logits, target, alpha=0.5, gamma=0.0) == pytest.approx(0.5 * ce.item(), rel=1e-6)
-    per_ce = F.cross_entropy(logits, target, reduction="none")
-    easy_ratio = focal_loss(logits[2:], target[2:], 0.5, 2.0) / (0.5 * per_ce[2])
-    hard_ratio = focal_loss(logits[1:2], target[1:2], 0.5, 2.0) / (0.5 * per_ce[1])
-    assert easy_ratio < hard_ratio < 1
+# Non-trivial logits for both classes; references are computed with ``math`` from the formulas.
+LOGITS = [[2.0, -1.0], [0.1, 0.3], [-3.0, 3.0], [0.5, -0.7], [1.2, 1.0]]
+TARGET = [0, 1, 1, 0, 1]
+
+
+def _log_softmax(row: list[float]) -> list[float]:
+    norm = math.log(sum(math.exp(v) for v in row))
+    return [v - norm for v in row]
+
+
+def _focal_reference(logits, target, alpha, gamma, positive=(1,)) -> float:
+    """Lin et al. (2017): -alpha_t (1 - p_t)^gamma log p_t, alpha_t = alpha on positive rows, 1 - alpha on the rest."""
+    terms = []
+    for row, t in zip(logits, target):
+        log_pt = _log_softmax(row)[t]
+        a = alpha if t in positive else 1 - alpha
+        terms.append(-a * (1 - math.exp(log_pt)) ** gamma * log_pt)
+    return sum(terms) / len(terms)
+
+
+def _weighted_ce_reference(logits, target, weight) -> float:
+    """PyTorch's weighted mean: sum_i w[t_i] * (-log p_{t_i}) / sum_i w[t_i]."""
+    num = sum(weight[t] * -_log_softmax(row)[t] for row, t in zip(logits, target))
+    return num / sum(weight[t] for t in target)
+
+
+@pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (0.8, 0.0), (0.5, 1.5)])
+def test_focal_loss_matches_the_reference_formula_for_both_classes(alpha: float, gamma: float) -> None:
+    logits, target = torch.tensor(LOGITS), torch.tensor(TARGET)
+    assert focal_loss(logits, target, alpha, gamma).item() == pytest.approx(_focal_reference(LOGITS, TARGET, alpha, gamma), rel=1e-5, abs=1e-7)
+    for i in range(len(TARGET)):  # row by row: alpha on atypical rows, 1 - alpha on normal ones
+        one = focal_loss(logits[i : i + 1], target[i : i + 1], alpha, gamma).item()
+        assert one == pytest.approx(_focal_reference(LOGITS[i : i + 1], TARGET[i : i + 1], alpha, gamma), rel=1e-5, abs=1e-7), i
+    four = [[0.3, -0.2, 1.1, 0.4], [2.0, 0.0, -1.0, 0.5], [-0.5, 0.2, 0.1, 1.7]]
+    got = focal_loss(torch.tensor(four), torch.tensor([3, 0, 2]), alpha, gamma, positive=[2, 3]).item()
+    assert got == pytest.approx(_focal_reference(four, [3, 0, 2], alpha, gamma, positive=(2, 3)), rel=1e-5, abs=1e-7)
+
+
+def test_focal_loss_downweights_easy_patches() -> None:
+    easy, hard = torch.tensor([[-3.0, 3.0]]), torch.tensor([[0.1, 0.3]])
+    one = torch.tensor([1])
+    ratio = lambda x: focal_loss(x, one, 0.5, 2.0) / focal_loss(x, one, 0.5, 0.0)  # noqa: E731
+    assert ratio(easy) < ratio(hard) < 1
+
+
+def test_class_weighted_cross_entropy_matches_the_reference_formula() -> None:
+    heads = {"label": Head("label")}
+    train_targets = {"label": torch.tensor([0] * 30 + [1] * 10)}
+    assert class_weights(train_targets["label"], 2).tolist() == pytest.approx([40 / 60, 40 / 20])
+    assert class_weights(torch.tensor([0, 0, 1, MISSING, MISSING]), 2).tolist() == pytest.approx([3 / 4, 3 / 2])  # missing: not counted
+    outputs, targets = {"label": torch.tensor(LOGITS)}, {"label": torch.tensor(TARGET)}
+    weighted = HeadLoss(LossConfig(name="ce", class_weights=True), heads, train_targets)(outputs, targets).item()
+    assert weighted == pytest.approx(_weighted_ce_reference(LOGITS, TARGET, [40 / 60, 2.0]), rel=1e-5, abs=1e-7)
+    plain = HeadLoss(LossConfig(name="ce", class_weights=False), heads, train_targets)(outputs, targets).item()
+    assert plain == pytest.approx(_weighted_ce_reference(LOGITS, TARGET, [1.0, 1.0]), rel=1e-5, abs=1e-7)
+    assert abs(weighted - plain) > 0.05
+    focal = HeadLoss(LossConfig(name="focal", focal_alpha=0.3, focal_gamma=2.0), heads, train_targets)(outputs, targets).item()
+    assert focal == pytest.approx(_focal_reference(LOGITS, TARGET, 0.3, 2.0), rel=1e-5, abs=1e-7)
+    smooth = HeadLoss(LossConfig(name="ce", label_smoothing=0.2), heads)(outputs, targets).item()
+    want = sum(0.8 * -_log_softmax(r)[t] + 0.2 * -sum(_log_softmax(r)) / 2 for r, t in zip(LOGITS, TARGET)) / len(TARGET)
+    assert smooth == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
+def test_head_loss_weights_heads_reads_their_columns_and_ignores_missing_targets() -> None:
+    heads = {"label": Head("label", target="label"), "expert": Head("expert", target="expert1", weight=0.5)}
+    outputs = {"label": torch.tensor(LOGITS), "expert": torch.tensor(LOGITS[::-1])}
+    expert = [1, MISSING, 0, MISSING, 1]
+    loss = HeadLoss(LossConfig(name="ce"), heads)(outputs, {"label": torch.tensor(TARGET), "expert1": torch.tensor(expert)}).item()
+    known = [i for i, t in enumerate(expert) if t != MISSING]
+    want = _weighted_ce_reference(LOGITS, TARGET, [1, 1]) + 0.5 * _weighted_ce_reference(
+        [LOGITS[::-1][i] for i in known], [expert[i] for i in known], [1, 1])
+    assert loss == pytest.approx(want, rel=1e-5, abs=1e-7)
+    focal = HeadLoss(LossConfig(name="focal", focal_alpha=0.7, focal_gamma=1.0), heads)
+    got = focal(outputs, {"label": torch.tensor(TARGET), "expert1": torch.tensor(expert)}).item()
+    want = _focal_reference(LOGITS, TARGET, 0.7, 1.0) + 0.5 * _focal_reference(
+        [LOGITS[::-1][i] for i in known], [expert[i] for i in known], 0.7, 1.0)
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-7)
+    none_known = {"label": torch.tensor(TARGET), "expert1": torch.full((5,), MISSING)}
+    assert HeadLoss(LossConfig(name="ce"), heads)(outputs, none_known).item() == pytest.approx(
+        _weighted_ce_reference(LOGITS, TARGET, [1, 1]), rel=1e-5, abs=1e-7)  # a head with no target in the batch adds nothing
+
+
+def test_fit_weights_the_loss_by_the_training_rows_class_counts(amibr: Path, tiny: list[str], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import mitotype.training.loop as loop
+
+    built: list[HeadLoss] = []
+
+    class Recorded(HeadLoss):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(loop, "HeadLoss", Recorded)
+    cfg, ds = _data(amibr, tiny, "train.epochs=1", "loss.class_weights=true")
+    train_idx = np.flatnonzero(np.arange(len(ds.manifest)) % 5 != 0)
+    fit(cfg, ds.manifest, ds.store, tmp_path / "run", train_idx, show_progress=False)
+    counts = np.bincount(ds.manifest["label"].to_numpy()[train_idx], minlength=2)
+    assert built[0].class_weight_label.tolist() == pytest.approx((counts.sum() / (2 * counts)).tolist())
+    cfg, _ = _data(amibr, tiny, "train.epochs=1")
+    fit(cfg, ds.manifest, ds.store, tmp_path / "plain", train_idx, show_progress=False)
+    assert built[1].class_weight_label.numel() == 0  # off by default
+
+
+def test_head_targets_mark_missing_values_and_reject_foreign_classes() -> None:
+    manifest = pd.DataFrame({"path": [f"p{i}.png" for i in range(4)], "label": [0, 1, 1, 0],
+                             "expert1": [1.0, float("nan"), 0.0, -1.0], "phase": [0, 3, 1, 2]})
+    heads = {"label": Head("label"), "expert": Head("expert", target="expert1")}
+    targets = head_targets(manifest, heads)
+    assert targets["label"].tolist() == [0, 1, 1, 0] and targets["expert1"].tolist() == [1, MISSING, 0, MISSING]
+    with pytest.raises(MitotypeError, match="value 3 of p1.png"):
+        head_targets(manifest, {"phase": Head("phase", target="phase")})
+    assert head_targets(manifest, {"phase": Head("phase", target="phase", num_classes=4)})["phase"].tolist() == [0, 3, 1, 2]
+    with pytest.raises(MitotypeError, match="reads column 'votes'"):
+        head_targets(manifest, {"v": Head("v", target="votes")})
 
 
 def test_balanced_sampler_draws_classes_equally() -> None:
@@ -136,7 +243,7 @@ def test_cv_writes_oof_predictions_and_resumes_finished_folds(amibr: Path, tiny:
         assert (tmp_path / "cv" / name).is_file(), name
     card = json.loads((tmp_path / "cv" / "fold_1" / "model.json").read_text())
     assert card["provenance"]["metrics"]["held_out_fold"]["n"] == summary["per_fold"][1]["n"]
-    with pytest.raises(MitotypeError, match="--resume with other folds"):
+    with pytest.raises(MitotypeError, match="resume with other folds"):
         cross_validate(cfg, ds, 4, tmp_path / "cv", resume=True, n_boot=50, show_progress=False)
 
 

@@ -334,7 +334,7 @@ def _file_name(url: str) -> str:
 def _fetch(url: str, part: Path, sha256: str | None, progress: bool, label: str, homepage: str = "") -> tuple[str, int]:
     """Stream ``url`` into ``part``; return (sha256, bytes). Deletes ``part`` on any failure."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-    offline = "offline? download it elsewhere and pass the folder with --data"
+    offline = "offline? download it elsewhere and point mitotype at that folder"
     digest = hashlib.sha256()
     size = 0
     total: int | None = None
@@ -460,7 +460,7 @@ def _check_layout(root: Path, name: str) -> None:
         with image.open("rb") as fh:
             if fh.read(len(LFS_POINTER)) == LFS_POINTER:
                 raise MitotypeError(
-                    f"{name}: {image.name} is a Git LFS pointer, not an image; clone the repository with git lfs and pass the folder with --data"
+                    f"{name}: {image.name} is a Git LFS pointer, not an image; clone the repository with git lfs and point mitotype at that folder"
                 )
 
 

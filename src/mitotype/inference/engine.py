@@ -39,7 +39,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise MitotypeError(f"device '{name}': expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise MitotypeError(f"device '{name}': CUDA is not available on this machine (use --device cpu)")
+            raise MitotypeError(f"device '{name}': CUDA is not available on this machine (use device cpu)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise MitotypeError(f"device '{name}': this machine has {torch.cuda.device_count()} GPU(s)")
     elif device.type != "cpu":

@@ -66,6 +66,9 @@ def save_model(model: MitotypeModel, cfg: Config, out_dir: Path, threshold: floa
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp), metadata={"format": CARD_FORMAT})
+        expected = sum(v.numel() * v.element_size() for v in state.values())
+        if tmp.stat().st_size < expected:  # a full disk can truncate the file without an error
+            raise OSError(28, f"No space left on device? {tmp.stat().st_size} of {expected} bytes written")
     norm = model.normalization()
     card = {
         "format": CARD_FORMAT,

@@ -115,7 +115,7 @@ def fit(
     if val_idx is None or not len(val_idx):
         for setting, active in (("train.threshold=auto", t.threshold == "auto"), (f"train.patience={t.patience}", t.patience > 0)):
             if active:
-                warnings.warn(f"{setting} needs validation rows (data.val_fraction, --val or a val/ split); ignored", stacklevel=2)
+                warnings.warn(f"{setting} needs validation rows (data.val_fraction, a validation dataset or a val/ split); ignored", stacklevel=2)
     labels = manifest["label"].to_numpy()
     train_labels = labels[train_idx]
     targets_all = head_targets(manifest, {h.name: h for h in cfg.model.heads})  # checked before any work
