@@ -196,6 +196,16 @@ def test_every_skipped_image_is_listed_and_predict_counts_them_apart(monkeypatch
     assert code == 0, err
     assert len(pd.read_csv(tmp_path / "ev" / "skipped.csv")) == 11
 
+    for path in broken:  # the images are repaired: no list from the earlier runs may remain
+        path.write_bytes((data / "Atypical" / "A_000.png").read_bytes())
+    code, _, err = cli(monkeypatch, capsys, "predict", data, "--model", tmp_path / "run", "--out", out, "--skip-bad")
+    assert code == 0, err
+    assert not (tmp_path / "pred.skipped.csv").exists()
+    code, _, err = cli(monkeypatch, capsys, "evaluate", "--model", tmp_path / "run", "--data", data, "--out", tmp_path / "ev",
+                       "--skip-bad", "--n-boot", "10")
+    assert code == 0, err
+    assert not (tmp_path / "ev" / "skipped.csv").exists()
+
 
 def _png_header_only(path: Path, width: int, height: int) -> None:
     """A PNG whose header says WIDTHxHEIGHT but whose pixel data is a 2x2 image's: only a reader

@@ -104,6 +104,8 @@ def predict_path(
     table = prediction_table(df, p, t)
     if skipped:
         write_csv(skipped_csv_path(out_csv), pd.DataFrame(skipped, columns=["path", "reason"]))
+    else:  # a list from an earlier run must not describe this one
+        Path(skipped_csv_path(out_csv)).unlink(missing_ok=True)
     write_csv(out_csv, table)
     return table
 

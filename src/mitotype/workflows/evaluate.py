@@ -33,6 +33,8 @@ def evaluate_model(
                          skipped=skipped, skipped_note=str(out_dir / "skipped.csv"))
     if skipped:
         write_csv(out_dir / "skipped.csv", pd.DataFrame(skipped, columns=["path", "reason"]))
+    else:  # a list from an earlier run must not describe this one
+        Path(out_dir / "skipped.csv").unlink(missing_ok=True)
     write_csv(out_dir / "predictions.csv", prediction_table(df, p, t))
     scored = df.assign(p_atypical=p)[["label", "p_atypical", "domain"]].dropna(subset=["p_atypical"])  # skipped images
     require_labels(scored, f"{data} (after skipping unusable images)")
