@@ -182,7 +182,8 @@ def evaluate(
 @app.command()
 def predict(
     inputs: Path = typer.Argument(..., help="Folder of patches (class folders optional) or a manifest CSV."),
-    model: Path = typer.Option(..., "--model", "-m", help="Model folder or cv run directory (fold ensemble)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder or cv run directory (fold ensemble); "
+                                         "default: the bundled model."),
     out_csv: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="Output CSV."),
     tta: bool = typer.Option(False, "--tta", help="Average the 8 flips/rotations."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Decision threshold (default: the model's)."),
@@ -195,7 +196,7 @@ def predict(
     from mitotype.inference.predict import predict_path, skipped_csv_path
 
     with _progress() as advance:
-        table = predict_path(_existing(model, "--model"), _existing(inputs, "input"), out_csv, tta, threshold, skip_missing, device,
+        table = predict_path(_model_path(model), _existing(inputs, "input"), out_csv, tta, threshold, skip_missing, device,
                              progress=advance, size_policy=_policy(size_policy), skip_bad=skip_bad)
     n_atyp, n_done = int((table["label"] == "atypical").sum()), int((table["label"] != "").sum())
     skipped = f", {len(table) - n_done} skipped (listed in {skipped_csv_path(out_csv)})" if n_done < len(table) else ""
@@ -223,6 +224,15 @@ def benchmark(
     named = [_named_path(t) for t in tests]
     check_run_dir(out_dir, resume)
     out.print(run_benchmark(cfg, _existing(train_data, "--train"), named, folds, out_dir, resume=resume, tta=tta))
+
+
+def _model_path(model: Optional[Path]) -> Path:
+    """The model the user named, else the one bundled with mitotype."""
+    if model is not None:
+        return _existing(model, "--model")
+    from mitotype.models.bundled import bundled_model_dir
+
+    return bundled_model_dir()
 
 
 def _named_path(text: str) -> tuple[str, Path]:

@@ -1,0 +1,80 @@
+"""The model that ships inside the package: ``predict`` uses it when no ``--model`` is given.
+
+It is the fold ensemble of a cross-validation run of the default recipe, trained on the AMi-Br
+training split only, stored in half precision (``bundle_run``) with one ordinary model card per
+fold, so it loads through the same code as any other model. ``bundle.json`` says where it came from:
+recipe, command, the run's cross-validated metrics and its size.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mitotype._io import atomic_path, write_json
+from mitotype.errors import MitotypeError
+from mitotype.models.artifact import CARD_NAME, WEIGHTS_NAME, _read_json, model_dirs
+from mitotype.models.card import CARD_FORMAT, read_card
+
+BUNDLE_INFO = "bundle.json"
+
+
+def bundled_model_dir() -> Path:
+    """The installed bundle's folder (fold_*/ model artifacts + bundle.json)."""
+    folder = Path(str(importlib.resources.files("mitotype") / "bundled"))
+    if not (folder / BUNDLE_INFO).is_file():
+        raise MitotypeError("this installation has no bundled model; pass a model folder or cv run directory as model")
+    return folder
+
+
+def bundle_info() -> dict[str, Any]:
+    return json.loads((bundled_model_dir() / BUNDLE_INFO).read_text())
+
+
+def bundle_run(run: Path, out: Path, *, command: str = "", half: bool = True) -> dict[str, Any]:
+    """Copy the fold models of cv run ``run`` into ``out`` (weights in float16 when ``half``), with
+    each card converted to the current format and ``bundle.json`` summarising the run."""
+    folds = model_dirs(run)
+    summary_path = Path(run) / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    staging = Path(out).with_name(Path(out).name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    for i, folder in enumerate(folds):
+        card = read_card(_read_json(folder / CARD_NAME), folder / CARD_NAME)
+        state = load_file(str(folder / WEIGHTS_NAME))
+        if half:
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        target = staging / f"fold_{i}"
+        target.mkdir(parents=True)
+        with atomic_path(target / WEIGHTS_NAME) as tmp:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": CARD_FORMAT})
+        card["provenance"]["bundled_from"] = str(folder)
+        write_json(target / CARD_NAME, card)
+    info = {
+        "source_run": str(run), "command": command, "folds": len(folds), "weights": "float16" if half else "float32",
+        "recipe": summary.get("recipe"), "cv": {k: summary.get(k) for k in ("folds", "n", "n_atypical", "groups", "mean", "sd", "out_of_fold", "per_fold")},
+        "bytes": sum(p.stat().st_size for p in staging.rglob("*") if p.is_file()),
+    }
+    write_json(staging / BUNDLE_INFO, info)
+    if Path(out).exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return info
+
+
+def half_precision_gap(run: Path, bundle: Path, images: torch.Tensor) -> float:
+    """Largest |p_atypical(float32) - p_atypical(float16 weights)| over ``images`` (uint8 NHWC):
+    the cost of halving the bundle, measured rather than assumed."""
+    from mitotype.inference.engine import predict_batch
+    from mitotype.models.artifact import load_ensemble
+
+    device = torch.device("cpu")
+    full = predict_batch([m.model for m in load_ensemble(run)], images, device)
+    half = predict_batch([m.model for m in load_ensemble(bundle)], images, device)
+    return float((full - half).abs().max())

@@ -1,0 +1,68 @@
+"""The bundled model: a cv run's fold ensemble in half precision, used by predict without --model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+from mitotype.config import load_config
+from mitotype.errors import MitotypeError
+from mitotype.models import bundled
+from mitotype.models.artifact import load_ensemble
+from mitotype.workflows.runs import cross_validate, load_dataset
+from test_bad_input import cli
+
+
+@pytest.fixture(scope="module")
+def cv_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from conftest import TINY, write_class_folders
+
+    root = tmp_path_factory.mktemp("bundle")
+    data = write_class_folders(root / "data")
+    cfg = load_config(None, TINY + ["train.epochs=1"])
+    cross_validate(cfg, load_dataset(data, cfg), 2, root / "cv")
+    return root / "cv", data
+
+
+def test_bundle_halves_the_weights_and_keeps_the_cards(cv_run, tmp_path: Path) -> None:
+    run, data = cv_run
+    info = bundled.bundle_run(run, tmp_path / "b", command="mitotype cv ...")
+    assert info["folds"] == 2 and info["weights"] == "float16" and info["command"] == "mitotype cv ..."
+    assert info["cv"]["mean"]["balanced_accuracy"] == json.loads((run / "summary.json").read_text())["mean"]["balanced_accuracy"]
+    weights = load_file(str(tmp_path / "b" / "fold_1" / "model.safetensors"))
+    floats = [v for v in weights.values() if v.is_floating_point()]
+    assert floats and all(str(v.dtype) == "torch.float16" for v in floats)
+    assert info["bytes"] == sum(p.stat().st_size for p in (tmp_path / "b").rglob("*") if p.is_file() and p.name != "bundle.json")
+    models = load_ensemble(tmp_path / "b")
+    assert [m.card["provenance"]["bundled_from"] for m in models] == [str(run / "fold_0"), str(run / "fold_1")]
+    from mitotype.data.images import decode_all
+    from mitotype.data.readers import read_dataset
+
+    store, _ = decode_all(read_dataset(data).manifest["path"].tolist(), 32)
+    gap = bundled.half_precision_gap(run, tmp_path / "b", store.batch(np.arange(len(store))))
+    assert 0 < gap < 1e-2  # halving changes the weights, but the probabilities barely
+
+
+def test_predict_without_model_uses_the_bundle(cv_run, tmp_path: Path, monkeypatch, capsys) -> None:
+    run, data = cv_run
+    bundled.bundle_run(run, tmp_path / "b")
+    monkeypatch.setattr(bundled, "bundled_model_dir", lambda: tmp_path / "b")
+    code, _, err = cli(monkeypatch, capsys, "predict", data, "--out", tmp_path / "p.csv")
+    assert code == 0, err
+    code, _, err = cli(monkeypatch, capsys, "predict", data, "--model", tmp_path / "b", "--out", tmp_path / "q.csv")
+    assert code == 0, err
+    p, q = pd.read_csv(tmp_path / "p.csv"), pd.read_csv(tmp_path / "q.csv")
+    assert len(p) == 40 and np.allclose(p["p_atypical"], q["p_atypical"])
+
+
+def test_no_bundle_is_a_one_line_error(monkeypatch, tmp_path: Path) -> None:
+    import importlib.resources
+
+    monkeypatch.setattr(importlib.resources, "files", lambda package: tmp_path)
+    with pytest.raises(MitotypeError, match="no bundled model; pass a model"):
+        bundled.bundled_model_dir()
