@@ -1,15 +1,19 @@
-"""Prediction throughput: bare forward vs ``predict`` end to end from PNG files vs a naive per-image PIL loop.
+"""Prediction throughput: bare forward per backend vs ``predict`` end to end from PNG files vs a naive per-image PIL loop.
 
-All three sides process the same patches: the bare forward runs ``predict_batch`` on batches
-already decoded; ``predict_manifest`` reads and decodes the PNG files on a background thread pool
-while the model runs; the naive loop opens each PNG with PIL and runs the model on one image at a
-time, as the field's research scripts do. Each side is warmed up once, then they alternate.
+Every side processes the same patches. The bare sides run the model on batches already decoded:
+PyTorch eager (``predict_batch``), the fp32 ONNX export in an ONNX Runtime session, and its int8
+(static QDQ) quantization. The ``predict`` sides run ``predict_manifest`` with each backend: a
+background thread pool reads and decodes the PNG files while the model runs. The naive loop opens
+each PNG with PIL and runs the PyTorch model on one image at a time, as the field's research
+scripts do. Each side is warmed up once, then they alternate, the order rotating each round.
 
     .venv/bin/python benchmarks/predict_speed.py [--data ../shared/data/ami-br-train] [--model RUN_OR_MODEL] [--n 256] [--rounds 3]
 
 Without --model it saves an untrained model of --recipe to a temporary folder (throughput does
 not depend on the weights), so it runs on a fresh clone; with --model it loads that run or model
-(a fold ensemble counts every member). Without the data folder it writes synthetic PNGs.
+(a fold ensemble counts every member). Without the data folder it writes synthetic PNGs. The int8
+graph is calibrated on the timed patches themselves: its speed is measured here, its accuracy by
+``mitotype export --int8 --check-data``. ``--no-onnx`` times PyTorch alone.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -28,7 +33,9 @@ from _patches import DEFAULT_DATA, png_paths  # benchmarks/ is on the path when 
 from _timing import Side, Timed, compare, report
 from mitotype.config import load_config
 from mitotype.data.images import decode_all
+from mitotype.inference.backends import OnnxBackend, TorchBackend
 from mitotype.inference.engine import predict_batch
+from mitotype.inference.export import _graph, onnx_difference, quantize_int8, write_onnx
 from mitotype.inference.predict import predict_manifest
 from mitotype.models.artifact import load_ensemble, save_model
 from mitotype.models.registry import create_model
@@ -43,6 +50,7 @@ def main(argv: list[str] | None = None) -> list[Timed]:
     ap.add_argument("--n", type=int, default=256, help="patches per side and round")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds after one warm-up of each side")
+    ap.add_argument("--no-onnx", dest="onnx", action="store_false", help="time PyTorch only")
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -55,26 +63,49 @@ def main(argv: list[str] | None = None) -> list[Timed]:
         if args.model is not None:
             model_text = f"{len(models)} model(s) from {args.model}"
         paths, source = png_paths(args.data, args.n, models[0].patch_size, tmp)
-        return _run(models, paths, source, model_text, args.batch_size, args.rounds)
+        onnx = _onnx_files(models, paths, tmp, args.batch_size) if args.onnx else {}
+        return _run(models, paths, source, model_text, args.batch_size, args.rounds, onnx)
 
 
-def _run(models: list, paths: list[str], source: str, model_text: str, bs: int, rounds: int) -> list[Timed]:
+def _onnx_files(models: list, paths: list[str], tmp: Path, bs: int) -> dict[str, Path]:
+    """The fp32 export (checked against PyTorch) and its int8 quantization, calibrated on ``paths``."""
+    graph, size = _graph(models)
+    write_onnx(graph, size, tmp / "model.onnx")
+    print(f"fp32 ONNX export: max |p_onnx - p_torch| {onnx_difference(tmp / 'model.onnx', graph, size):.1e} on random patches")
+    store, _ = decode_all(paths, size, models[0].size_policy)
+    calibration = [store.batch(np.arange(s, min(s + bs, len(paths)))).numpy() for s in range(0, len(paths), bs)]
+    quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx", calibration)
+    try:  # ONNX Runtime's int8 depthwise kernels refuse some tiny feature maps (lite0 at 32 px)
+        OnnxBackend(tmp / "model.int8.onnx").p_atypical(calibration[0])
+    except Exception as err:  # noqa: BLE001
+        print(f"NOTE: the int8 graph does not run in ONNX Runtime here ({str(err).splitlines()[0][:120]}); int8 sides left out")
+        return {"fp32": tmp / "model.onnx"}
+    return {"fp32": tmp / "model.onnx", "int8": tmp / "model.int8.onnx"}
+
+
+def _run(models: list, paths: list[str], source: str, model_text: str, bs: int, rounds: int, onnx: dict[str, Path]) -> list[Timed]:
     device, n = torch.device("cpu"), len(paths)
     manifest = pd.DataFrame({"path": paths})
     store, _ = decode_all(paths, models[0].patch_size, models[0].size_policy)
     batches = [store.batch(np.arange(s, min(s + bs, n))) for s in range(0, n, bs)]
     nets = [m.model.eval() for m in models]
+    backends = {"PyTorch": TorchBackend(nets, device)}
+    backends.update({f"ONNX Runtime {k}": OnnxBackend(path) for k, path in onnx.items()})
 
-    def bare() -> float:
-        tic = time.perf_counter()
-        for batch in batches:
-            predict_batch(nets, batch, device)
-        return time.perf_counter() - tic
+    def bare(backend) -> Callable[[], float]:
+        def run() -> float:
+            tic = time.perf_counter()
+            for batch in batches:
+                backend.p_atypical(batch)
+            return time.perf_counter() - tic
+        return run
 
-    def ours() -> float:
-        tic = time.perf_counter()
-        predict_manifest(models, manifest, batch_size=bs, device=device)
-        return time.perf_counter() - tic
+    def ours(backend) -> Callable[[], float]:
+        def run() -> float:
+            tic = time.perf_counter()
+            predict_manifest(models, manifest, batch_size=bs, device=device, backend=backend)
+            return time.perf_counter() - tic
+        return run
 
     @torch.no_grad()
     def naive() -> float:
@@ -85,10 +116,26 @@ def _run(models: list, paths: list[str], source: str, model_text: str, bs: int, 
                 net.p_atypical(net({"image": x}))
         return time.perf_counter() - tic
 
-    sides = [Side("bare forward (pre-decoded)", bare, n), Side("mitotype predict (from PNG)", ours, n),
-             Side("naive PIL + torch per image", naive, n)]
+    sides = [Side("bare forward (pre-decoded)" if name == "PyTorch" else f"bare {name} session (pre-decoded)", bare(b), n)
+             for name, b in backends.items()]
+    sides += [Side("mitotype predict (from PNG)" if name == "PyTorch" else f"mitotype predict --backend onnxruntime ({name[13:]})",
+                   ours(b), n) for name, b in backends.items()]
+    sides.append(Side("naive PIL + torch per image", naive, n))
     results = compare(sides, rounds)
     report(f"Prediction: {source} · {model_text} · batch {bs} · device cpu", results, rounds)
+    k = len(backends)
+    tic = time.perf_counter()
+    decode_all(paths, models[0].patch_size, models[0].size_policy, threads=1)
+    decode_ms = 1000 * (time.perf_counter() - tic) / n
+    print(f"\ndecoding alone, 1 thread: {decode_ms:.2f} ms/patch. If the decoding thread finds no free core, predict / bare "
+          "is at best model ms / (model ms + decode ms): the 'no free core' figure below.")
+    for (name, _), b_res, p_res in zip(backends.items(), results[:k], results[k:2 * k]):
+        per_round = [p / q for p, q in zip(p_res.ratios, b_res.ratios)]
+        spread = f"per round {min(per_round):.2f}–{max(per_round):.2f}"
+        model_ms = 1000 / b_res.rate
+        print(f"{name}: predict end to end / bare = {p_res.rate / b_res.rate:.2f} ({spread}; no free core "
+              f"{model_ms / (model_ms + decode_ms):.2f}); bare / PyTorch bare = {b_res.rate / results[0].rate:.2f}; "
+              f"predict / naive = {p_res.rate / results[-1].rate:.2f}")
     return results
 
 

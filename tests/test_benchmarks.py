@@ -66,9 +66,12 @@ def test_train_speed_times_fit_on_the_bare_loops_rows(tmp_path: Path, capsys: py
 def test_predict_speed_runs_three_sides_on_the_same_patches(tmp_path: Path) -> None:
     import predict_speed
 
-    results = predict_speed.main(["--data", str(tmp_path / "absent"), *TINY[2:], "--n", "6", "--batch-size", "4", "--rounds", "2"])
-    assert [r.name for r in results] == ["bare forward (pre-decoded)", "mitotype predict (from PNG)", "naive PIL + torch per image"]
-    assert [r.items for r in results] == [6, 6, 6] and [len(r.seconds) for r in results] == [2, 2, 2]
+    results = predict_speed.main(["--data", str(tmp_path / "absent"), *TINY, "--n", "6", "--batch-size", "4", "--rounds", "2"])
+    assert [r.name for r in results] == ["bare forward (pre-decoded)", "bare ONNX Runtime fp32 session (pre-decoded)",
+                                         "bare ONNX Runtime int8 session (pre-decoded)", "mitotype predict (from PNG)",
+                                         "mitotype predict --backend onnxruntime (fp32)", "mitotype predict --backend onnxruntime (int8)",
+                                         "naive PIL + torch per image"]
+    assert [r.items for r in results] == [6] * 7 and [len(r.seconds) for r in results] == [2] * 7
 
 
 def test_cpu_levers_times_each_lever_against_the_default() -> None:

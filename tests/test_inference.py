@@ -84,3 +84,44 @@ def test_p_atypical_is_the_probability_of_class_1(logits, want) -> None:
     model = create_model(ModelConfig(backbone="test_efficientnet", pretrained="none", input_size=32))
     p = model.p_atypical({"label": torch.tensor(logits)})
     assert p.tolist() == pytest.approx(want, abs=1e-7)
+
+
+def test_mixed_precision_is_cuda_only_and_results_come_back_on_the_cpu() -> None:
+    torch.manual_seed(0)
+    model = create_model(ModelConfig(backbone="test_efficientnet", pretrained="none", input_size=32)).eval()
+    u8 = _images(4, 32)
+    plain = predict_batch([model], u8, CPU)
+    assert torch.equal(predict_batch([model], u8, CPU, amp=True), plain)  # no bfloat16 autocast on the CPU
+    assert plain.device.type == "cpu" and plain.dtype == torch.float32 and plain.shape == (4,)
+
+
+@pytest.mark.parametrize("name, available, count, want", [
+    ("auto", False, 0, "cpu"), ("auto", True, 1, "cuda"), ("cpu", True, 1, "cpu"), ("cuda", True, 1, "cuda"),
+    ("cuda:1", True, 2, "cuda:1"),
+    ("cuda", False, 0, "device 'cuda': CUDA is not available on this machine (use device cpu)"),
+    ("cuda:2", True, 2, "device 'cuda:2': this machine has 2 GPU(s)"),
+    ("cuda:1", True, 1, "device 'cuda:1': this machine has 1 GPU(s)"),
+    ("gpu", True, 1, "device 'gpu': expected auto, cpu, cuda or cuda:N"),
+    ("meta", True, 1, "device 'meta': expected auto, cpu, cuda or cuda:N"),
+])
+def test_resolve_device(monkeypatch: pytest.MonkeyPatch, name: str, available: bool, count: int, want: str) -> None:
+    from mitotype.errors import MitotypeError
+    from mitotype.inference.engine import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    if want.startswith("device"):
+        with pytest.raises(MitotypeError) as info:
+            resolve_device(name)
+        assert str(info.value) == want
+    else:
+        assert resolve_device(name) == torch.device(want)
+
+
+def test_resolve_device_defaults_to_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mitotype.inference.engine import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device() == torch.device("cuda")

@@ -129,3 +129,30 @@ def test_p_atypical_reduces_the_named_heads_positive_classes() -> None:
     assert torch.allclose(model.p_atypical(outputs), (label + phase) / 2, atol=1e-7)  # aux is not reduced
     assert set(model({"image": torch.rand(2, 3, 32, 32)})) == {"label", "phase", "aux"}
     assert model.heads["phase"].out_features == 4
+
+
+def test_forward_is_resize_then_normalise_then_backbone_then_heads() -> None:
+    from mitotype.models.pretrained import Normalization
+
+    torch.manual_seed(0)
+    model = create_model(tiny_cfg(input_size=40, drop_rate=0.5)).eval()
+    model.set_normalization(Normalization((0.1, 0.2, 0.3), (0.5, 0.25, 2.0)))
+    assert model.normalization().mean == pytest.approx((0.1, 0.2, 0.3)) and model.normalization().std == (0.5, 0.25, 2.0)
+    x = torch.rand(2, 3, 32, 32)
+    resized = torch.nn.functional.interpolate(x, size=(40, 40), mode="bilinear", align_corners=False)
+    normed = (resized - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.5, 0.25, 2.0]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = model.heads["label"](model.backbone(normed))
+        assert torch.allclose(model({"image": x})["label"], want, atol=1e-6)
+        same = torch.rand(2, 3, 40, 40)  # already at the input size: no resampling
+        want = model.heads["label"](model.backbone((same - model.mean) / model.std))
+        assert torch.allclose(model({"image": same})["label"], want, atol=1e-6)
+    assert model.state_dict().keys().isdisjoint({"mean", "std"})  # statistics live in the card, not the weights
+
+
+def test_registry_refuses_a_second_builder_under_one_name() -> None:
+    from mitotype.models.registry import register_model
+
+    assert list_models() == sorted(list_models()) and "timm" in list_models()
+    with pytest.raises(ValueError, match="model builder 'timm' registered twice"):
+        register_model("timm")(lambda cfg, pretrained=True: None)

@@ -124,6 +124,22 @@ def test_fit_weights_the_loss_by_the_training_rows_class_counts(amibr: Path, tin
     assert built[1].class_weight_label.numel() == 0  # off by default
 
 
+def test_head_loss_goes_on_past_a_head_without_targets_and_keeps_each_heads_positive_classes() -> None:
+    heads = {"expert": Head("expert", target="expert1"), "off": Head("off", target="label", weight=0.0),
+             "phase": Head("phase", target="phase", num_classes=4, positive=[2, 3])}
+    four = [[0.3, -0.2, 1.1, 0.4], [2.0, 0.0, -1.0, 0.5], [-0.5, 0.2, 0.1, 1.7]]
+    outputs = {"expert": torch.tensor(LOGITS[:3]), "off": torch.tensor(LOGITS[:3]), "phase": torch.tensor(four)}
+    targets = {"expert1": torch.full((3,), MISSING), "label": torch.tensor([0, 1, 1]), "phase": torch.tensor([3, 0, 2])}
+    focal = HeadLoss(LossConfig(name="focal", focal_alpha=0.9, focal_gamma=1.0), heads)
+    assert focal(outputs, targets).item() == pytest.approx(_focal_reference(four, [3, 0, 2], 0.9, 1.0, positive=(2, 3)), rel=1e-5)
+    ce = HeadLoss(LossConfig(name="ce", class_weights=True), heads, {"expert1": torch.tensor([0, 0, 0]), "label": torch.tensor([0, 1]),
+                                                                     "phase": torch.tensor([0, 0, 2, MISSING])})
+    assert ce.class_weight_expert.tolist() == pytest.approx([1 / 2, 3 / 2])  # a class absent from training still has its weight
+    assert ce.class_weight_phase.tolist() == pytest.approx([3 / 8, 3 / 4, 3 / 4, 3 / 4])
+    assert ce.state_dict() == {}  # class weights follow from the data; they are not model state
+    assert ce(outputs, targets).item() == pytest.approx(_weighted_ce_reference(four, [3, 0, 2], [3 / 8, 3 / 4, 3 / 4, 3 / 4]), rel=1e-5)
+
+
 def test_head_targets_mark_missing_values_and_reject_foreign_classes() -> None:
     manifest = pd.DataFrame({"path": [f"p{i}.png" for i in range(4)], "label": [0, 1, 1, 0],
                              "expert1": [1.0, float("nan"), 0.0, -1.0], "phase": [0, 3, 1, 2]})

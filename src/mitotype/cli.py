@@ -158,7 +158,7 @@ def cv(
 def evaluate(
     model: Path = typer.Option(..., "--model", "-m", help="Model folder (model.json) or a cv run directory (fold ensemble)."),
     data: Path = typer.Option(..., "--data", "-d", help="Labelled dataset (folder or CSV)."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Where metrics.json, roc.png, confusion.png go."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Where metrics.json, roc.png, confusion.png, report.html go."),
     tta: bool = typer.Option(False, "--tta", help="Average the 8 flips/rotations."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Decision threshold (default: the model's)."),
     skip_missing: bool = SkipMissingOpt,
@@ -176,12 +176,12 @@ def evaluate(
                                            skip_bad=skip_bad)
     ci = metrics["ci95"]["balanced_accuracy"]
     out.print(f"{n_models} model(s) on {metrics['n']} patches: balanced accuracy {metrics['balanced_accuracy']:.3f} "
-              f"[{_fmt(ci[0])}, {_fmt(ci[1])}], AUROC {_fmt(metrics['roc_auc'])} → {out_dir}/metrics.json")
+              f"[{_fmt(ci[0])}, {_fmt(ci[1])}], AUROC {_fmt(metrics['roc_auc'])} → {out_dir}/metrics.json, {out_dir}/report.html")
 
 
 @app.command()
 def predict(
-    inputs: Path = typer.Argument(..., help="Folder of patches (class folders optional) or a manifest CSV."),
+    inputs: Optional[Path] = typer.Argument(None, help="Folder of patches (class folders optional) or a manifest CSV."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder or cv run directory (fold ensemble); "
                                          "default: the bundled model."),
     out_csv: Path = typer.Option(Path("predictions.csv"), "--out", "-o", help="Output CSV."),
@@ -191,16 +191,92 @@ def predict(
     device: str = typer.Option("auto", "--device"),
     size_policy: Optional[str] = SizePolicyOpt,
     skip_bad: bool = SkipBadOpt,
+    backend: str = typer.Option("torch", "--backend", help="torch or onnxruntime (CPU; the model exported once into the cache)."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="With --backend onnxruntime: a file from `mitotype export` of this model."),
+    points: Optional[Path] = typer.Option(None, "--points", help="Classify points instead of patches: a CSV (image, x, y"
+                                          "[, label]), a MitDet folder (png/ + csv/) or a MIDOG/COCO JSON."),
+    images: Optional[Path] = typer.Option(None, "--images", help="With --points: folder the image names resolve in."),
+    resume: bool = typer.Option(False, "--resume", help="With --points: continue an interrupted run from OUT.partial.csv."),
+    mpp: Optional[float] = typer.Option(None, "--mpp", help="With --points: um/px of plain images (default: the model's)."),
+    slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp", help="With --points: um/px of slides that do not say theirs."),
+    summary_csv: Optional[Path] = typer.Option(None, "--summary-csv", help="With --points: per-image summary CSV "
+                                               "(default OUT.summary.csv)."),
+    bbox_format: str = typer.Option("auto", "--bbox-format", help="COCO boxes: auto, xyxy (MIDOG) or xywh (COCO)."),
 ) -> None:
-    """Write path, p_atypical, label (+ every input column) for each patch."""
-    from mitotype.inference.predict import predict_path, skipped_csv_path
+    """Write path, p_atypical, label (+ every input column) for each patch; with --points, for each point."""
+    from mitotype.inference.predict import predict_path, report_html_path, skipped_csv_path
+
+    if points is not None or inputs is None:
+        return _predict_points(inputs, points, images, model, out_csv, tta=tta, threshold=threshold, resume=resume, mpp=mpp,
+                               slide_mpp=slide_mpp, summary_csv=summary_csv, skip_missing=skip_missing, device=device,
+                               bbox_format=bbox_format, backend=backend, folder_only=(size_policy, skip_bad, onnx))
+    _points_only(images=images, resume=resume, mpp=mpp, slide_mpp=slide_mpp, summary_csv=summary_csv, bbox_format=bbox_format)
 
     with _progress() as advance:
         table = predict_path(_model_path(model), _existing(inputs, "input"), out_csv, tta, threshold, skip_missing, device,
-                             progress=advance, size_policy=_policy(size_policy), skip_bad=skip_bad)
+                             progress=advance, size_policy=_policy(size_policy), skip_bad=skip_bad, backend=backend, onnx=onnx)
     n_atyp, n_done = int((table["label"] == "atypical").sum()), int((table["label"] != "").sum())
     skipped = f", {len(table) - n_done} skipped (listed in {skipped_csv_path(out_csv)})" if n_done < len(table) else ""
-    out.print(f"{n_done} patches → {out_csv}: {n_atyp} atypical ({n_atyp / max(n_done, 1):.1%}){skipped}")
+    out.print(f"{n_done} patches → {out_csv}: {n_atyp} atypical ({n_atyp / max(n_done, 1):.1%}){skipped}; "
+              f"report → {report_html_path(out_csv)}")
+
+
+def _points_only(**options) -> None:
+    """Options of ``predict --points`` are refused without it rather than silently ignored."""
+    used = [name for name, value in options.items() if value and value != "auto"]
+    if used:
+        raise MitotypeError(f"{_flag(used[0])}: only used with --points")
+
+
+def _predict_points(inputs: Optional[Path], points: Optional[Path], images: Optional[Path], model: Optional[Path], out_csv: Path,
+                    *, backend: str, folder_only: tuple, **options) -> None:
+    """``predict --points``: a patch centred on each point, at the model's resolution (inference/points.py)."""
+    from mitotype.inference.points import predict_points, summary_csv_path
+
+    used = [flag for flag, value in zip(("--size-policy", "--skip-bad", "--onnx"), folder_only) if value]
+    if used:
+        raise MitotypeError(f"{used[0]}: not used with --points")
+
+    if points is None:
+        raise MitotypeError("predict: give INPUT (a folder or manifest of patches) or --points")
+    if inputs is not None:
+        raise MitotypeError(f"predict: give INPUT ({inputs}) or --points ({points}), not both")
+    if backend != "torch":
+        raise MitotypeError(f"--backend {backend}: --points runs with the torch backend only")
+    with _progress() as advance:
+        table, summary = predict_points(_model_path(model), _existing(points, "--points"), out_csv,
+                                        images=_existing(images, "--images") if images else None, progress=advance, **options)
+    n_atyp = int((table["label"] == "atypical").sum())
+    share = n_atyp / max(len(table), 1)
+    out.print(f"{len(table)} points on {len(summary)} image(s) → {out_csv}: {n_atyp} atypical ({share:.1%}); "
+              f"summary → {options['summary_csv'] or summary_csv_path(out_csv)}")
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="Model folder or cv run directory (exported as one graph averaging its folds)."),
+    out_file: Path = typer.Argument(..., help="Output file (.onnx / .pt); its card goes to OUT.json beside it."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
+    int8: bool = typer.Option(False, "--int8", help="Quantize to int8 (ONNX); written only if balanced accuracy drops <= 0.01."),
+    check_data: Optional[Path] = typer.Option(None, "--check-data", help="With --int8: labelled patches it did not train on."),
+    calib_data: Optional[Path] = typer.Option(None, "--calib-data", help="With --int8: patches to calibrate on (default: check data)."),
+    calib_n: int = typer.Option(256, "--calib-n", help="With --int8: calibration patches drawn from --calib-data."),
+) -> None:
+    """Export the whole inference graph (uint8 patches in, p_atypical out), checked against PyTorch."""
+    from mitotype.inference.export import export_card_path, export_model
+
+    if check_data is not None:
+        _existing(check_data, "--check-data")
+    if calib_data is not None:
+        _existing(calib_data, "--calib-data")
+    with _progress() as advance:
+        card = export_model(_existing(model, "model"), out_file, fmt, int8=int8, check_data=check_data, calib_data=calib_data,
+                            calib_n=calib_n, progress=advance)
+    check = f"fp32 graph max |Δp| vs PyTorch {card['check']['max_abs_diff_vs_torch']:.1e}"
+    if "int8" in card:
+        check += f"; {card['int8']['summary']} on {card['int8']['n']} patches"
+    out.print(f"{card['export_format']} ({card['precision']}, {len(card['members'])} model(s)) → {out_file} + "
+              f"{export_card_path(out_file).name}: {check}", markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -224,6 +300,27 @@ def benchmark(
     named = [_named_path(t) for t in tests]
     check_run_dir(out_dir, resume)
     out.print(run_benchmark(cfg, _existing(train_data, "--train"), named, folds, out_dir, resume=resume, tta=tta))
+
+
+@app.command()
+def explain(
+    model: Path = typer.Argument(..., metavar="MODEL", help="Model folder or cv run directory (a fold ensemble: mean of its maps)."),
+    inputs: Path = typer.Argument(..., metavar="INPUT", help="Folder of patches or a manifest CSV (anything predict reads)."),
+    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Overlays (same relative names), explanations.csv, contact_sheet.png."),
+    n: int = typer.Option(16, "--n", help="Patches per contact-sheet row: most confident / most uncertain calls of each class."),
+    target: str = typer.Option("atypical", "--target", help="Map the evidence for: atypical, or the predicted class."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Decision threshold (default: the model's)."),
+    skip_missing: bool = SkipMissingOpt,
+    device: str = typer.Option("auto", "--device"),
+    size_policy: Optional[str] = SizePolicyOpt,
+) -> None:
+    """Grad-CAM overlay beside each patch and a contact sheet of the clearest and hardest calls."""
+    from mitotype.inference.explain import SHEET_NAME, explain_path
+
+    with _progress() as advance:
+        table = explain_path(_existing(model, "model"), _existing(inputs, "input"), out_dir, n=n, target=target, threshold=threshold,
+                             device=device, size_policy=_policy(size_policy), skip_missing=skip_missing, progress=advance)
+    out.print(f"{len(table)} overlays (target {target}) → {out_dir}; contact sheet → {out_dir / SHEET_NAME}")
 
 
 def _model_path(model: Optional[Path]) -> Path:
@@ -280,7 +377,9 @@ def _print_cv(summary: dict, out_dir: Path) -> None:
 
 def _flag(option: str) -> str:
     """The flag of a library parameter named in an error (skip_missing -> --skip-missing)."""
-    return {"out_dir": "--out", "out_csv": "--out", "train_data": "--train"}.get(option, "--" + option.replace("_", "-"))
+    flags = {"out_dir": "--out", "out_csv": "--out", "train_data": "--train", "fmt": "--format", "out_file": "OUT",
+             "explain_dir": "OUT_DIR"}
+    return flags.get(option, "--" + option.replace("_", "-"))
 
 
 def main() -> None:

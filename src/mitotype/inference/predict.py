@@ -13,7 +13,8 @@ import torch
 from mitotype.data.images import iter_batches
 from mitotype.data.manifest import LABEL_NAMES, UNLABELLED
 from mitotype.errors import MitotypeError
-from mitotype.inference.engine import predict_batch, resolve_device
+from mitotype.inference.backends import Backend, TorchBackend, check_backend, make_backend
+from mitotype.inference.engine import predict_batch, resolve_device  # noqa: F401 (predict_batch: re-exported)
 from mitotype.models.artifact import LoadedModel, load_ensemble
 
 
@@ -29,11 +30,13 @@ def predict_manifest(
     *,
     skipped: list[tuple[str, str]] | None = None,
     skipped_note: str = "",
+    backend: "Backend | None" = None,
 ) -> np.ndarray:
     """Mean p_atypical of ``models`` (one, or the fold ensemble) for each manifest row; NaN for
     images skipped with ``skip_bad`` (appended to ``skipped`` as (path, reason); ``skipped_note``
     tells the warning where the caller keeps that list). ``size_policy`` (error | center-crop |
-    resize) overrides the models' for other-sized patches."""
+    resize) overrides the models' for other-sized patches. ``backend`` (default: PyTorch on
+    ``device``) runs the batches (see :mod:`mitotype.inference.backends`)."""
     if not models:
         raise MitotypeError("no model to predict with")
     device = device or torch.device("cpu")
@@ -43,11 +46,11 @@ def predict_manifest(
     patch_size, policy = sizes.pop()
     policy = size_policy or policy
     p = np.full(len(manifest), np.nan)
-    nets = [m.model for m in models]
+    backend = backend or TorchBackend([m.model for m in models], device)
     batches = iter_batches(manifest["path"].tolist(), batch_size, patch_size, policy, on_bad_image="skip" if skip_bad else "error",
                            skipped=skipped, skipped_note=skipped_note)
     for index, batch in batches:
-        p[index] = predict_batch(nets, batch, device, tta=tta).numpy()
+        p[index] = backend.p_atypical(batch, tta)
         if progress:
             progress(len(index))
     return p
@@ -81,33 +84,50 @@ def ensemble_threshold(models: list[LoadedModel], override: float | None = None)
 def predict_path(
     model_path: Path, inputs: Path, out_csv: Path, tta: bool = False, threshold: float | None = None,
     skip_missing: bool = False, device: str = "auto", progress: Callable[[int], None] | None = None, size_policy: str | None = None,
-    skip_bad: bool = False,
+    skip_bad: bool = False, *, backend: str = "torch", onnx: Path | None = None,
 ) -> pd.DataFrame:
     """Read INPUT (folder or manifest, labels optional), predict with the model or fold ensemble,
-    write the prediction table atomically and return it. ``out_csv`` is checked before any work;
-    images skipped with ``skip_bad`` are listed in :func:`skipped_csv_path` beside it."""
+    write the prediction table and its HTML report (:func:`report_html_path`) atomically and return
+    the table. ``out_csv`` is checked before any work;
+    images skipped with ``skip_bad`` are listed in :func:`skipped_csv_path` beside it. ``backend``
+    torch or onnxruntime (``onnx``: an exported file of this model, else one exported into the cache)."""
     from mitotype._io import check_output_file, write_csv
     from mitotype.data.readers import read_dataset
 
     check_output_file(out_csv, "out_csv")
     check_output_file(skipped_csv_path(out_csv), "out_csv")
+    check_output_file(report_html_path(out_csv), "out_csv")
     if threshold is not None:
         ensemble_threshold([], threshold)  # a bad threshold is refused before the models load
+    if backend == "onnxruntime" and device == "auto":
+        device = "cpu"
+    check_backend(backend, onnx)  # bad options are refused before the models load
     models, dev = load_models(model_path, device)
     t = ensemble_threshold(models, threshold)
+    runner = make_backend(backend, models, dev, onnx_path=onnx)
     df = read_dataset(inputs, require_labels=False, skip_missing=skip_missing).manifest
     if df.empty:
         raise MitotypeError(f"{inputs}: no images found")
     skipped: list[tuple[str, str]] = []
     p = predict_manifest(models, df, tta=tta, device=dev, progress=progress, size_policy=size_policy, skip_bad=skip_bad,
-                         skipped=skipped, skipped_note=str(skipped_csv_path(out_csv)))
+                         skipped=skipped, skipped_note=str(skipped_csv_path(out_csv)), backend=runner)
     table = prediction_table(df, p, t)
     if skipped:
         write_csv(skipped_csv_path(out_csv), pd.DataFrame(skipped, columns=["path", "reason"]))
     else:  # a list from an earlier run must not describe this one
         Path(skipped_csv_path(out_csv)).unlink(missing_ok=True)
     write_csv(out_csv, table)
+    from mitotype.evaluation.html_report import write_report
+
+    write_report(report_html_path(out_csv), table, threshold=t, cards=[m.card for m in models],
+                 title=f"{Path(model_path).name} on {Path(inputs).name}")
     return table
+
+
+def report_html_path(out_csv: Path) -> Path:
+    """Where predict writes its self-contained HTML report: ``NAME.html`` beside ``NAME.csv``."""
+    out_csv = Path(out_csv)
+    return out_csv.with_suffix(".html") if out_csv.suffix.lower() != ".html" else out_csv.with_name(f"{out_csv.name}.report.html")
 
 
 def skipped_csv_path(out_csv: Path) -> Path:

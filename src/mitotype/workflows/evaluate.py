@@ -11,6 +11,7 @@ from mitotype._io import check_output_dir, write_csv
 from mitotype.data.manifest import require_labels
 from mitotype.data.readers import read_dataset
 from mitotype.data.splits import evaluation_rows
+from mitotype.evaluation.html_report import write_report
 from mitotype.evaluation.report import write_evaluation
 from mitotype.inference.predict import ensemble_threshold, load_models, predict_manifest, prediction_table
 
@@ -20,8 +21,8 @@ def evaluate_model(
     skip_missing: bool = False, device: str = "auto", n_boot: int = 1000, progress: Callable[[int], None] | None = None,
     size_policy: str | None = None, skip_bad: bool = False,
 ) -> tuple[dict, int]:
-    """Writes predictions.csv, metrics.json, roc.png, confusion.png (and skipped.csv, the images
-    left out with ``skip_bad``); returns (metrics, n_models). ``out_dir`` is checked before any work."""
+    """Writes predictions.csv, metrics.json, roc.png, confusion.png, report.html (and skipped.csv,
+    the images left out with ``skip_bad``); returns (metrics, n_models). ``out_dir`` is checked before any work."""
     check_output_dir(out_dir, "out_dir")
     models, dev = load_models(model_path, device)
     t = ensemble_threshold(models, threshold)
@@ -35,8 +36,11 @@ def evaluate_model(
         write_csv(out_dir / "skipped.csv", pd.DataFrame(skipped, columns=["path", "reason"]))
     else:  # a list from an earlier run must not describe this one
         Path(out_dir / "skipped.csv").unlink(missing_ok=True)
-    write_csv(out_dir / "predictions.csv", prediction_table(df, p, t))
+    table = prediction_table(df, p, t)
+    write_csv(out_dir / "predictions.csv", table)
     scored = df.assign(p_atypical=p)[["label", "p_atypical", "domain"]].dropna(subset=["p_atypical"])  # skipped images
     require_labels(scored, f"{data} (after skipping unusable images)")
-    metrics = write_evaluation(scored, out_dir, threshold=t, n_boot=n_boot, title=f"{Path(model_path).name} on {Path(data).name}")
+    title = f"{Path(model_path).name} on {Path(data).name}"
+    metrics = write_evaluation(scored, out_dir, threshold=t, n_boot=n_boot, title=title)
+    write_report(out_dir / "report.html", table, threshold=t, cards=[m.card for m in models], title=title, metrics=metrics)
     return metrics, len(models)

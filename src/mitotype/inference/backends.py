@@ -1,0 +1,112 @@
+"""Inference backends behind one call: ``backend.p_atypical(batch_u8, tta) -> np.ndarray``.
+
+The streaming readers (folders, manifests, points, slides) hand every backend the same uint8
+(B, H, W, 3) batches, so the choice of PyTorch or ONNX Runtime changes nothing but speed.
+``predict_batch`` stays the pure PyTorch function; the ONNX Runtime backend runs an exported
+graph (:mod:`mitotype.inference.export`) that holds the same preprocessing and fold mean, and
+does test-time augmentation outside the graph with the same 8 dihedral views.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from mitotype.errors import MitotypeError
+from mitotype.inference.engine import predict_batch
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+class Backend(Protocol):
+    name: str
+
+    def p_atypical(self, batch_u8: torch.Tensor, tta: bool = False) -> np.ndarray:
+        """Mean p_atypical of the model (or fold ensemble), optionally over the 8 dihedral views."""
+        ...
+
+
+class TorchBackend:
+    """PyTorch eager: :func:`predict_batch` on ``device``."""
+
+    name = "torch"
+
+    def __init__(self, nets: Sequence[nn.Module], device: torch.device, *, amp: bool = False):
+        self.nets, self.device, self.amp = list(nets), device, amp
+
+    def p_atypical(self, batch_u8: torch.Tensor, tta: bool = False) -> np.ndarray:
+        return predict_batch(self.nets, batch_u8, self.device, tta=tta, amp=self.amp).numpy()
+
+
+def dihedral_view_nhwc(batch: np.ndarray, k: int) -> np.ndarray:
+    """View ``k`` of (B, H, W, C) patches, the same as ``dihedral_view`` makes of (B, C, H, W)
+    ones: rotation by ``k % 4`` x 90 degrees of the horizontally flipped batch when ``k >= 4``."""
+    base = batch[:, :, ::-1] if k >= 4 else batch
+    return np.ascontiguousarray(np.rot90(base, k % 4, axes=(1, 2)) if k % 4 else base)
+
+
+class OnnxBackend:
+    """An exported graph (uint8 (B, H, W, 3) -> p_atypical (B,)) in an ONNX Runtime session on the
+    CPU, with as many intra-op threads as torch uses, so both backends compete for the same cores."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, *, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Idle intra-op workers would spin and take the core the decoding threads need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001 (onnxruntime raises its own untyped errors)
+            raise MitotypeError(f"{path}: not a usable ONNX file ({str(err).splitlines()[0][:160]})") from None
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or inputs[0].type != "tensor(uint8)":
+            raise MitotypeError(f"{path}: expected one uint8 image input (a mitotype export), got {[i.type for i in inputs]}")
+        self.input_name, self.path = inputs[0].name, Path(path)
+
+    def p_atypical(self, batch_u8: torch.Tensor | np.ndarray, tta: bool = False) -> np.ndarray:
+        x = batch_u8.numpy() if isinstance(batch_u8, torch.Tensor) else np.asarray(batch_u8)
+        views = range(8) if tta else (0,)
+        total = np.zeros(x.shape[0], dtype=np.float64)
+        for k in views:
+            view = dihedral_view_nhwc(x, k) if k else np.ascontiguousarray(x)
+            total += self.session.run(None, {self.input_name: view})[0].astype(np.float64)
+        return (total / len(views)).astype(np.float32)
+
+
+def check_backend(name: str, onnx_path: Path | None = None) -> None:
+    """Refuse an unknown backend, or an ONNX file given to the torch backend, before any work."""
+    if name not in BACKENDS:
+        raise MitotypeError(f"{{backend}} '{name}': must be one of {', '.join(BACKENDS)}", options=("backend",))
+    if name == "torch" and onnx_path is not None:
+        raise MitotypeError("{onnx} is read by the onnxruntime backend only; add {backend} onnxruntime",
+                            options=("onnx", "backend"))
+
+
+def make_backend(
+    name: str, models: Sequence, device: torch.device, *, onnx_path: Path | None = None, cache_dir: Path | None = None
+) -> Backend:
+    """The backend ``name`` for loaded ``models`` (:class:`LoadedModel`s): torch runs them as they
+    are; onnxruntime runs ``onnx_path`` (checked to come from these weights) or an export of them
+    made once into ``cache_dir`` (default: the user cache) and reused while the weights are unchanged."""
+    check_backend(name, onnx_path)
+    if name == "torch":
+        return TorchBackend([m.model for m in models], device)
+    if device.type != "cpu":
+        raise MitotypeError(f"{{backend}} onnxruntime runs on the CPU; device '{device}' was asked (use cpu or auto)",
+                            options=("backend",))
+    from mitotype.inference.export import cached_onnx, check_export_matches
+
+    if onnx_path is not None:
+        check_export_matches(Path(onnx_path), models)
+        return OnnxBackend(Path(onnx_path))
+    return OnnxBackend(cached_onnx(models, cache_dir))

@@ -1,0 +1,245 @@
+"""Export and the ONNX Runtime backend: the exported graph gives PyTorch's p_atypical to 1e-4
+(crop/resize and two-head models, fold ensembles, TorchScript), predict's onnxruntime backend
+writes the torch backend's table, a differing export is refused, and int8 is gated on accuracy."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pandas as pd
+import pytest
+import torch
+
+from conftest import PATCH, TINY, write_class_folders
+from mitotype.config import HeadConfig, load_config
+from mitotype.errors import MitotypeError
+from mitotype.inference import export as ex
+from mitotype.inference.backends import OnnxBackend, dihedral_view_nhwc
+from mitotype.inference.engine import predict_batch
+from mitotype.models.artifact import load_ensemble, save_model
+from mitotype.models.registry import create_model
+from mitotype.transforms.augment import dihedral_view
+
+CPU = torch.device("cpu")
+
+
+def _save(folder: Path, *extra: str, seed: int = 0, heads: list[HeadConfig] | None = None, reduce: list[str] | None = None) -> Path:
+    """An untrained tiny model whose head weights are scaled up, so p_atypical spreads over (0, 1)
+    and an equality check between backends means something."""
+    cfg = load_config(None, [*TINY, *extra])
+    if heads:
+        cfg.model.heads, cfg.model.reduce_heads = heads, reduce or [heads[0].name]
+    torch.manual_seed(seed)
+    model = create_model(cfg.model)
+    with torch.no_grad():
+        for head in model.heads.values():
+            head.weight.normal_(0, 30.0)
+    save_model(model, cfg, folder, threshold=0.5, trained_on={}, metrics={})
+    return folder
+
+
+def _patches(n: int = 12, size: int = PATCH, seed: int = 3) -> torch.Tensor:
+    return ex.random_patches(n, size, seed)
+
+
+def _torch_p(model_dir: Path, patches: torch.Tensor, tta: bool = False) -> np.ndarray:
+    return predict_batch([m.model for m in load_ensemble(model_dir)], patches, CPU, tta=tta).numpy()
+
+
+def _ort_p(path: Path, patches: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"image": patches.numpy()})[0]
+
+
+MODELS = {
+    "plain": dict(extra=()),
+    "crop-and-resize": dict(extra=(f"data.patch_size={PATCH}", "model.input_size=40", "model.center_crop=24")),
+    "two-heads": dict(extra=(), heads=[HeadConfig("label"), HeadConfig("grade", "grade", num_classes=4, positive=[2, 3])],
+                      reduce=["label", "grade"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_onnx_gives_pytorchs_probabilities(kind: str, tmp_path: Path) -> None:
+    spec = MODELS[kind]
+    model_dir = _save(tmp_path / "m", *spec["extra"], heads=spec.get("heads"), reduce=spec.get("reduce"))
+    card = ex.export_model(model_dir, tmp_path / "m.onnx", "onnx")
+    patches = _patches()
+    want, got = _torch_p(model_dir, patches), _ort_p(tmp_path / "m.onnx", patches)
+    assert want.std() > 0.05  # the probabilities spread, so equality is a real test
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(_ort_p(tmp_path / "m.onnx", patches[:1]), want[:1], atol=1e-4, rtol=0)  # dynamic batch axis
+    written = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert written == json.loads(json.dumps(card))
+    saved = json.loads((model_dir / "model.json").read_text())
+    assert written["build"] == saved["build"] and written["threshold"] == 0.5
+    assert written["input"]["shape"] == ["batch", PATCH, PATCH, 3] and written["input"]["dtype"] == "uint8"
+    assert written["opset"] >= 17 and written["precision"] == "fp32" and written["check"]["max_abs_diff_vs_torch"] <= 1e-4
+    assert written["sha256"] == ex._file_hash(tmp_path / "m.onnx")
+
+
+def test_a_fold_ensemble_exports_as_one_graph_of_the_fold_mean(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _save(run / "fold_0", seed=0)
+    _save(run / "fold_1", seed=1)
+    ex.export_model(run, tmp_path / "ens.onnx")
+    patches = _patches()
+    a, b = _torch_p(run / "fold_0", patches), _torch_p(run / "fold_1", patches)
+    assert np.abs(a - b).max() > 0.05
+    np.testing.assert_allclose(_ort_p(tmp_path / "ens.onnx", patches), (a + b) / 2, atol=1e-4, rtol=0)
+    assert len(json.loads((tmp_path / "ens.onnx.json").read_text())["members"]) == 2
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_torchscript_gives_pytorchs_probabilities(tmp_path: Path) -> None:
+    model_dir = _save(tmp_path / "m", f"data.patch_size={PATCH}", "model.input_size=40", "model.center_crop=24")
+    card = ex.export_model(model_dir, tmp_path / "m.pt", "torchscript")
+    patches = _patches()
+    with torch.no_grad():
+        got = torch.jit.load(str(tmp_path / "m.pt"))(patches).numpy()
+    np.testing.assert_allclose(got, _torch_p(model_dir, patches), atol=1e-4, rtol=0)
+    assert card["export_format"] == "torchscript" and (tmp_path / "m.pt.json").is_file()
+
+
+def test_backend_tta_uses_the_same_dihedral_views() -> None:
+    x = _patches(3, 8)
+    for k in range(8):
+        want = dihedral_view(x.permute(0, 3, 1, 2), k).permute(0, 2, 3, 1).numpy()
+        np.testing.assert_array_equal(dihedral_view_nhwc(x.numpy(), k), want)
+
+
+def test_export_refuses_a_graph_that_differs_from_pytorch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir = _save(tmp_path / "m")
+    real = OnnxBackend.p_atypical
+    monkeypatch.setattr(OnnxBackend, "p_atypical", lambda self, b, tta=False: real(self, b, tta) + 2e-4)
+    with pytest.raises(MitotypeError, match=r"differs from PyTorch's by 2\.\d+e-04 \(> 0\.0001\); nothing written"):
+        ex.export_model(model_dir, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.onnx.json").exists()
+    monkeypatch.setattr(OnnxBackend, "p_atypical", lambda self, b, tta=False: real(self, b, tta) + 5e-5)
+    ex.export_model(model_dir, tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").is_file()
+
+
+def _labelled(root: Path) -> Path:
+    return write_class_folders(root, n_atypical=10, n_normal=10, n_slides=4)
+
+
+def _fake_scores(monkeypatch: pytest.MonkeyPatch, wrong_int8: int) -> None:
+    """fp32 right on all 20 patches (balanced accuracy 1); int8 wrong on ``wrong_int8`` of the 10
+    atypical ones (balanced accuracy 1 - wrong / 20)."""
+    y = np.array([1] * 10 + [0] * 10)
+    int8 = y.astype(float).copy()
+    int8[:wrong_int8] = 0.0
+    monkeypatch.setattr(ex, "score_backends", lambda backends, *a, **k: (y, {"fp32": y.astype(float), "int8": int8}))
+
+
+def test_int8_is_written_only_within_0_01_of_fp32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir, data = _save(tmp_path / "m"), _labelled(tmp_path / "d")
+    _fake_scores(monkeypatch, wrong_int8=1)  # drop 0.05
+    with pytest.raises(MitotypeError, match=r"int8 refused, balanced accuracy fp32 1\.0000, int8 0\.9500 \(drop \+0\.0500"):
+        ex.export_model(model_dir, tmp_path / "q.onnx", int8=True, check_data=data, calib_n=8)
+    assert not (tmp_path / "q.onnx").exists() and not (tmp_path / "q.onnx.json").exists()
+    _fake_scores(monkeypatch, wrong_int8=0)
+    card = ex.export_model(model_dir, tmp_path / "q.onnx", int8=True, check_data=data, calib_n=8)
+    assert card["precision"] == "int8" and card["int8"]["drop"] == 0.0 and card["int8"]["calib_n"] == 8
+    types = {node.op_type for node in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= types  # a quantized graph was written, not the fp32 one
+    assert ex.int8_gate(0.80, 0.79)["drop"] == pytest.approx(0.01)  # exactly at the limit passes
+    with pytest.raises(MitotypeError, match="int8 refused"):
+        ex.int8_gate(0.80, 0.789)
+
+
+def test_int8_figures_are_each_graphs_balanced_accuracy_on_the_check_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unpatched scoring: the card's two figures are what predict gives with the fp32 and the int8 file."""
+    from mitotype.evaluation.metrics import binary_metrics
+    from mitotype.inference.predict import predict_path
+
+    model_dir, data = _save(tmp_path / "m"), _labelled(tmp_path / "d")
+    monkeypatch.setattr(ex, "INT8_MAX_DROP", 1.0)  # this untrained model loses 0.05: let it through to compare
+    monkeypatch.setenv("MITOTYPE_CACHE_DIR", str(tmp_path / "cache"))
+    card = ex.export_model(model_dir, tmp_path / "q.onnx", int8=True, check_data=data, calib_n=8)["int8"]
+    got = {}
+    for name, onnx_file in (("fp32", None), ("int8", tmp_path / "q.onnx")):
+        table = predict_path(model_dir, data, tmp_path / f"{name}.csv", backend="onnxruntime", onnx=onnx_file)
+        got[name] = binary_metrics(table["true_label"].to_numpy(), table["p_atypical"].to_numpy(), 0.5)["balanced_accuracy"]
+    assert card["n"] == 20 and got["fp32"] != got["int8"]
+    assert (card["balanced_accuracy_fp32"], card["balanced_accuracy_int8"]) == pytest.approx((got["fp32"], got["int8"]), abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+
+def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    from mitotype.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["mitotype", *map(str, args)])
+    monkeypatch.setenv("COLUMNS", "200")
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_predict_with_onnxruntime_writes_the_torch_backends_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("MITOTYPE_CACHE_DIR", str(tmp_path / "cache"))
+    model_dir, data = _save(tmp_path / "m"), write_class_folders(tmp_path / "d", n_atypical=6, n_normal=8)
+    tables = {}
+    for tta in ((), ("--tta",)):
+        code, _, err = _cli(monkeypatch, capsys, "predict", data, "--model", model_dir, "--out", tmp_path / "t.csv", *tta)
+        assert code == 0, err
+        code, _, err = _cli(monkeypatch, capsys, "predict", data, "--model", model_dir, "--out", tmp_path / "o.csv", *tta,
+                            "--backend", "onnxruntime")
+        assert code == 0, err
+        t, o = pd.read_csv(tmp_path / "t.csv"), pd.read_csv(tmp_path / "o.csv")
+        assert np.ptp(t["p_atypical"]) > 0.05  # the probabilities spread, so equality is a real test
+        np.testing.assert_allclose(o["p_atypical"], t["p_atypical"], atol=1e-4, rtol=0)
+        assert o.drop(columns="p_atypical").equals(t.drop(columns="p_atypical"))
+        tables[tta] = t
+    assert np.abs(tables[()]["p_atypical"] - tables[("--tta",)]["p_atypical"]).max() > 1e-3  # --tta was applied
+    cached = list((tmp_path / "cache" / "onnx").glob("*.onnx"))
+    assert len(cached) == 1  # exported once, reused by the second run
+    code, out, err = _cli(monkeypatch, capsys, "export", model_dir, tmp_path / "x.onnx")
+    assert code == 0 and "fp32 graph max |Δp| vs PyTorch" in out, err
+    code, _, err = _cli(monkeypatch, capsys, "predict", data, "--model", model_dir, "--out", tmp_path / "x.csv",
+                        "--backend", "onnxruntime", "--onnx", tmp_path / "x.onnx")
+    assert code == 0, err
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "x.csv")["p_atypical"], tables[()]["p_atypical"], atol=1e-4, rtol=0)
+
+
+def _one_line(code: int, err: str, *needles: str) -> None:
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bad_export_and_backend_options_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    model_dir, other = _save(tmp_path / "m"), _save(tmp_path / "other", seed=5)
+    data = write_class_folders(tmp_path / "d", n_atypical=2, n_normal=2)
+    out = tmp_path / "x.onnx"
+    _one_line(*_cli(monkeypatch, capsys, "export", model_dir, out, "-f", "tflite")[::2], "--format 'tflite'", "onnx, torchscript")
+    _one_line(*_cli(monkeypatch, capsys, "export", model_dir, out, "-f", "torchscript", "--int8")[::2], "--int8", "--format onnx")
+    _one_line(*_cli(monkeypatch, capsys, "export", model_dir, out, "--int8")[::2], "--int8 needs --check-data")
+    _one_line(*_cli(monkeypatch, capsys, "export", model_dir, out, "--check-data", data)[::2], "only apply with --int8")
+    _one_line(*_cli(monkeypatch, capsys, "export", model_dir, out, "--int8", "--check-data", tmp_path / "no")[::2], "no such")
+    _one_line(*_cli(monkeypatch, capsys, "export", model_dir, tmp_path)[::2], "OUT", "is a folder")
+    assert not out.exists()
+    predict = ["predict", data, "--model", model_dir, "--out", tmp_path / "p.csv"]
+    _one_line(*_cli(monkeypatch, capsys, *predict, "--backend", "tensorrt")[::2], "--backend 'tensorrt'", "torch, onnxruntime")
+    _one_line(*_cli(monkeypatch, capsys, *predict, "--onnx", out)[::2], "--onnx is read by the onnxruntime backend only")
+    _one_line(*_cli(monkeypatch, capsys, *predict, "--backend", "onnxruntime", "--onnx", out)[::2], "--onnx", "no such file")
+    ex.export_model(other, out)
+    _one_line(*_cli(monkeypatch, capsys, *predict, "--backend", "onnxruntime", "--onnx", out)[::2], "exported from other weights")
+    assert not (tmp_path / "p.csv").exists()
