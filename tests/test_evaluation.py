@@ -281,3 +281,89 @@ def test_bootstrap_interval_covers_the_true_accuracy_at_its_level():
             hits[level] += lo <= 0.8 <= hi
     assert 0.93 <= hits[0.95] / reps <= 0.98, hits  # 0.963 here; a 90% interval gives 0.91, a 99% one 0.983
     assert 0.45 <= hits[0.5] / reps <= 0.65, hits  # 0.573 here
+
+
+def _refused(call, *args, **kwargs) -> str:
+    with pytest.raises(MitotypeError) as info:
+        call(*args, **kwargs)
+    return str(info.value)
+
+
+def test_input_checks_say_exactly_what_is_wrong():
+    from mitotype.evaluation.metrics import check_inputs, check_labels, check_probabilities, check_threshold
+
+    assert check_labels([True, False]).dtype == np.int64 and check_labels([1.0, 0.0]).dtype == np.int64
+    assert check_probabilities([1, 0]).dtype == np.float64
+    assert binary_metrics([1], [0.7])["sensitivity"] == 1.0  # one patch is enough
+    assert _refused(check_labels, []) == "y_true is empty: nothing to evaluate"
+    assert _refused(check_labels, [0, 1, 7, 3, 4, 5, 6, 8, 2]) == (
+        "y_true must contain only 0 (normal) and 1 (atypical); found [2, 3, 4, 5, 6] (first at index 2)")
+    assert _refused(check_probabilities, []) == "p_atypical is empty: nothing to evaluate"
+    assert _refused(check_probabilities, ["x"]) == "p_atypical must hold numbers (probabilities in [0, 1])"
+    assert _refused(check_probabilities, [[0.1]]) == "p_atypical must be 1-D, got shape (1, 1)"
+    assert _refused(check_probabilities, [0.1, 0.2, np.inf, np.nan]) == "p_atypical has 2 NaN/infinite value(s) (first at index 2)"
+    assert _refused(check_probabilities, [0.1, 0.2, -0.5]) == "p_atypical must be probabilities in [0, 1]; index 2 is -0.5"
+    assert _refused(check_inputs, [0, 1, 1], [0.1, 0.2]) == "y_true has 3 values but p_atypical has 2"
+    assert _refused(check_inputs, [0, 1], [0.1, np.nan]) == "p_atypical has 1 NaN/infinite value(s) (first at index 1)"
+    assert _refused(check_threshold, "abc") == "threshold must be a number in [0, 1], got 'abc'"
+    assert _refused(check_threshold, 1.5) == "threshold must be in [0, 1], got 1.5"
+    assert check_threshold(1) == 1.0 and check_threshold(0) == 0.0
+    assert _refused(confusion_counts, [0, 1], [0, 1, 1]) == "y_true has 2 values but y_pred has 3"
+    assert _refused(confusion_counts, [0, 5], [0, 1]).startswith("y_true must contain only")
+    assert _refused(confusion_counts, [0, 1], [0, 5]).startswith("y_pred must contain only")
+    assert confusion_counts([0, 0], [0, 0]) == {"tn": 2, "fp": 0, "fn": 0, "tp": 0}  # both classes counted, even absent
+    assert confusion_counts([1, 1], [1, 0]) == {"tn": 0, "fp": 0, "fn": 1, "tp": 1}
+    assert _refused(summarize_folds, []) == "no fold metrics to summarise"
+
+
+def test_metrics_with_one_patch_of_a_class_or_none():
+    only_atypical = binary_metrics([1, 1, 1], [0.2, 0.7, 0.9])
+    assert only_atypical["specificity"] is None and only_atypical["roc_auc"] is None and only_atypical["average_precision"] is None
+    assert only_atypical["sensitivity"] == pytest.approx(2 / 3) and only_atypical["balanced_accuracy"] == pytest.approx(2 / 3)
+    one_each = binary_metrics([1, 0], [0.7, 0.3])
+    assert one_each["roc_auc"] == 1.0 and one_each["average_precision"] == 1.0 and one_each["specificity"] == 1.0
+    one_normal = binary_metrics([1, 1, 0], [0.7, 0.2, 0.3])
+    assert one_normal["roc_auc"] == 0.5 and one_normal["specificity"] == 1.0
+    nothing = binary_metrics([0, 0], [0.1, 0.2])  # no atypical, none called: F1 and precision are 0 (zero_division=0)
+    assert nothing["f1"] == 0.0 and nothing["precision"] == 0.0 and nothing["balanced_accuracy"] == 1.0
+
+
+# Hand-picked resamples where the vectorised bootstrap must still agree with binary_metrics: no
+# atypical, no normal, exactly one of either, one call that is right, one right and one wrong, ...
+EDGE_Y = np.array([0, 0, 0, 1, 1, 1])
+EDGE_P = np.array([0.1, 0.6, 0.2, 0.9, 0.3, 0.3])
+EDGE_ROWS = [[0, 2, 0, 2], [3, 3, 5, 4], [3, 0, 2, 0], [0, 3, 4, 5], [3, 0, 0, 2], [3, 1, 0, 2], [1, 1, 1, 3],
+             [4, 5, 0, 1], [1, 0, 0, 0], [4, 0, 2, 5], [3, 3, 3, 3], [0, 0, 0, 0], [1, 1, 1, 1], [4, 4, 1, 2]]
+
+
+@pytest.mark.parametrize("row", EDGE_ROWS)
+def test_vectorised_bootstrap_metrics_agree_with_sklearn_on_edge_resamples(row):
+    got = _resampled_metrics(EDGE_Y, EDGE_P, 0.5, np.array([row]))
+    want = binary_metrics(EDGE_Y[row], EDGE_P[row], 0.5)
+    for name in METRIC_NAMES:
+        if want[name] is None:
+            assert np.isnan(got[name][0]), name
+        else:
+            assert got[name][0] == pytest.approx(want[name], abs=1e-12), name
+
+
+def test_bootstrap_defaults_and_option_checks():
+    y, p = _random(60)
+    assert bootstrap_intervals(y, p) == bootstrap_intervals(y, p, threshold=0.5, n_boot=1000, seed=0, level=0.95)
+    one = bootstrap_intervals(y, p, n_boot=1)
+    assert all(lo == hi for lo, hi in one.values())  # one resample: a point, not an error
+    assert _refused(bootstrap_intervals, y, p, n_boot=0) == "n_boot must be at least 1, got 0"
+    for level in (0, 1, 1.5, -0.2):
+        assert _refused(bootstrap_intervals, y, p, level=level) == f"level must be in (0, 1), got {level}"
+
+
+def test_bootstrap_in_chunks_draws_exactly_n_boot_resamples():
+    """Large sets are resampled in chunks (memory); the draws must be the same n_boot resamples."""
+    rng = np.random.default_rng(5)
+    n = 40_001  # chunk = 4_000_000 // n = 99 resamples: 250 come as 99 + 99 + 52
+    y = rng.integers(0, 2, n)
+    p = np.clip(0.3 * y + 0.7 * rng.random(n), 0, 1)
+    ci = bootstrap_intervals(y, p, n_boot=250, seed=3, level=0.9)
+    draws = np.random.default_rng(3)
+    acc = np.concatenate([((p[i] >= 0.5) == (y[i] == 1)).mean(axis=1) for i in (draws.integers(0, n, size=(m, n)) for m in (99, 99, 52))])
+    assert ci["accuracy"] == pytest.approx(np.quantile(acc, [0.05, 0.95]).tolist(), abs=1e-12)

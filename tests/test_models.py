@@ -156,3 +156,61 @@ def test_registry_refuses_a_second_builder_under_one_name() -> None:
     assert list_models() == sorted(list_models()) and "timm" in list_models()
     with pytest.raises(ValueError, match="model builder 'timm' registered twice"):
         register_model("timm")(lambda cfg, pretrained=True: None)
+
+
+def test_model_defaults_crop_and_resize_each_side() -> None:
+    from mitotype.config import HeadConfig
+    from mitotype.models.pretrained import Normalization
+    from mitotype.models.registry import MitotypeModel
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("test_efficientnet", num_classes=0)
+    norm = Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    plain = MitotypeModel(backbone, [HeadConfig("label"), HeadConfig("other", target="other")], norm, 32).eval()
+    assert plain.dropout.p == 0.0 and plain.center_crop == 0 and plain.reduce_heads == ["label"]
+    with torch.no_grad():
+        def direct(model, x):  # what forward should compute on an already prepared image
+            return model.heads["label"](model.backbone((x - model.mean) / model.std))
+
+        tall = torch.rand(1, 3, 40, 32)  # one side off: still resized to 32 x 32
+        want = direct(plain, torch.nn.functional.interpolate(tall, size=(32, 32), mode="bilinear", align_corners=False))
+        assert torch.allclose(plain({"image": tall})["label"], want, atol=1e-6)
+        wide = torch.rand(1, 3, 32, 40)
+        want = direct(plain, torch.nn.functional.interpolate(wide, size=(32, 32), mode="bilinear", align_corners=False))
+        assert torch.allclose(plain({"image": wide})["label"], want, atol=1e-6)
+        cropped = MitotypeModel(backbone, [HeadConfig("label")], norm, 16, center_crop=16).eval()
+        x = torch.rand(1, 3, 30, 37)  # top (30 - 16) // 2 = 7, left (37 - 16) // 2 = 10
+        assert torch.allclose(cropped({"image": x})["label"], direct(cropped, x[..., 7:23, 10:26]), atol=1e-6)
+
+
+def test_registry_builds_what_was_registered_and_names_the_known_ones(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import mitotype.models.registry as registry
+
+    monkeypatch.setattr(registry, "_BUILDERS", dict(registry._BUILDERS))
+    calls = []
+    registry.register_model("probe")(lambda cfg, pretrained=True: calls.append(pretrained) or "built")
+    assert create_model(ModelConfig(arch="probe")) == "built" and create_model(ModelConfig(arch="probe"), pretrained=False) == "built"
+    assert calls == [True, False]
+    with pytest.raises(MitotypeError) as info:
+        create_model(ModelConfig(arch="nope"))
+    known = ", ".join(sorted(registry._BUILDERS))
+    assert "probe, timm" in known and str(info.value) == f"model.arch: 'nope' is not a registered model (known: {known})"
+    absent = tiny_cfg(pretrained=f"file:{tmp_path / 'absent.pt'}")
+    assert create_model(absent, pretrained=False) is not None  # starting weights skipped: a checkpoint follows
+    with pytest.raises(MitotypeError, match="no such file"):
+        create_model(absent)
+
+
+def test_freeze_groups_freezes_exactly_the_leading_coarse_groups() -> None:
+    from timm.models import group_parameters
+
+    from mitotype.models.registry import freeze_leading_groups
+
+    freeze_leading_groups(torch.nn.Linear(2, 2), 0)  # nothing to freeze: no group_matcher needed
+    with pytest.raises(MitotypeError) as info:
+        freeze_leading_groups(torch.nn.Linear(2, 2), 1)
+    assert str(info.value) == "model.freeze_groups: Linear has no timm group_matcher; use 0"
+    model = create_model(tiny_cfg(freeze_groups=2))
+    groups = group_parameters(model.backbone, model.backbone.group_matcher(coarse=True))
+    want = {f"backbone.{n}" for gid, names in groups.items() if gid < 2 for n in names}
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == want
