@@ -34,7 +34,6 @@ from _timing import Side, Timed, compare, report
 from mitotype.config import load_config
 from mitotype.data.images import decode_all
 from mitotype.inference.backends import OnnxBackend, TorchBackend
-from mitotype.inference.engine import predict_batch
 from mitotype.inference.export import _graph, onnx_difference, quantize_int8, write_onnx
 from mitotype.inference.predict import predict_manifest
 from mitotype.models.artifact import load_ensemble, save_model

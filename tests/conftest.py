@@ -7,6 +7,7 @@ learn something in a few steps; slides (groups) and domains are assigned so grou
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +75,19 @@ def amibr(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny() -> list[str]:
     return list(TINY)
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args) -> tuple[int, str, str]:
+    """Run ``mitotype ARGS`` in this process (no interpreter start-up): (exit status, stdout, stderr)."""
+    from mitotype.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["mitotype", *map(str, args)])
+    monkeypatch.setenv("COLUMNS", "200")  # one-line errors stay one line
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

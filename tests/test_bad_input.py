@@ -19,6 +19,7 @@ from PIL import Image, ImageFile
 
 import mitotype.data.images as images
 from conftest import TINY, make_patch, write_class_folders
+from conftest import run_cli as cli
 from mitotype._io import TMP_MARK, atomic_path, check_output_file, process_umask, write_csv
 from mitotype.cli import main
 from mitotype.data.images import BadImage, decode_patch, decode_threads
@@ -30,17 +31,6 @@ from mitotype.training.checkpoint import save_checkpoint
 SETS = [arg for item in (*TINY, "train.epochs=1") for arg in ("--set", item)]
 
 
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    """Run ``mitotype ARGS`` in this process; (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["mitotype", *map(str, args)])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_line_error(result: tuple[int, str, str], *needles: str) -> str:

@@ -15,7 +15,7 @@ from mitotype.errors import MitotypeError
 from mitotype.models import bundled
 from mitotype.models.artifact import load_ensemble
 from mitotype.workflows.runs import cross_validate, load_dataset
-from test_bad_input import cli
+from conftest import run_cli as cli
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import TINY, write_class_folders
+from conftest import TINY, run_cli, write_class_folders
 
 
 def mitotype(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -187,17 +187,7 @@ def test_a_trained_model_scores_atypical_above_normal_and_predict_flags_act(tmp_
 
 def _in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
     """``mitotype ARGS`` run in this process (no interpreter start-up), as a CompletedProcess."""
-    from mitotype.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["mitotype", *map(str, args)])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+    return subprocess.CompletedProcess(args, *run_cli(monkeypatch, capsys, *args))
 
 
 def test_a_manifest_row_without_its_image_stops_or_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +9,11 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+
+from conftest import run_cli as cli
 from torch import nn
 
 from conftest import PATCH, TINY, write_class_folders
-from mitotype.cli import main
 from mitotype.config import HeadConfig, load_config
 from mitotype.inference.explain import CAPTION, HEADER, PAD, TILE, find_target_layer, grad_cams
 from mitotype.models.artifact import save_model
@@ -25,16 +25,6 @@ SIZE = 64
 RED, BLUE = (slice(4, 12), slice(48, 56)), (slice(48, 56), slice(4, 12))  # top-right / bottom-left boxes (rows, cols)
 
 
-def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["mitotype", *map(str, args)])
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_line_error(result: tuple[int, str, str], *needles: str) -> None:

@@ -5,7 +5,6 @@ writes the torch backend's table, a differing export is refused, and int8 is gat
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import PATCH, TINY, write_class_folders
+from conftest import PATCH, TINY, run_cli, write_class_folders
 from mitotype.config import HeadConfig, load_config
 from mitotype.errors import MitotypeError
 from mitotype.inference import export as ex
@@ -175,19 +174,6 @@ def test_int8_figures_are_each_graphs_balanced_accuracy_on_the_check_data(tmp_pa
 # the command line
 
 
-def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    from mitotype.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["mitotype", *map(str, args)])
-    monkeypatch.setenv("COLUMNS", "200")
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_predict_with_onnxruntime_writes_the_torch_backends_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -196,9 +182,9 @@ def test_predict_with_onnxruntime_writes_the_torch_backends_table(tmp_path: Path
     model_dir, data = _save(tmp_path / "m"), write_class_folders(tmp_path / "d", n_atypical=6, n_normal=8)
     tables = {}
     for tta in ((), ("--tta",)):
-        code, _, err = _cli(monkeypatch, capsys, "predict", data, "--model", model_dir, "--out", tmp_path / "t.csv", *tta)
+        code, _, err = run_cli(monkeypatch, capsys, "predict", data, "--model", model_dir, "--out", tmp_path / "t.csv", *tta)
         assert code == 0, err
-        code, _, err = _cli(monkeypatch, capsys, "predict", data, "--model", model_dir, "--out", tmp_path / "o.csv", *tta,
+        code, _, err = run_cli(monkeypatch, capsys, "predict", data, "--model", model_dir, "--out", tmp_path / "o.csv", *tta,
                             "--backend", "onnxruntime")
         assert code == 0, err
         t, o = pd.read_csv(tmp_path / "t.csv"), pd.read_csv(tmp_path / "o.csv")
@@ -209,9 +195,9 @@ def test_predict_with_onnxruntime_writes_the_torch_backends_table(tmp_path: Path
     assert np.abs(tables[()]["p_atypical"] - tables[("--tta",)]["p_atypical"]).max() > 1e-3  # --tta was applied
     cached = list((tmp_path / "cache" / "onnx").glob("*.onnx"))
     assert len(cached) == 1  # exported once, reused by the second run
-    code, out, err = _cli(monkeypatch, capsys, "export", model_dir, tmp_path / "x.onnx")
+    code, out, err = run_cli(monkeypatch, capsys, "export", model_dir, tmp_path / "x.onnx")
     assert code == 0 and "fp32 graph max |Δp| vs PyTorch" in out, err
-    code, _, err = _cli(monkeypatch, capsys, "predict", data, "--model", model_dir, "--out", tmp_path / "x.csv",
+    code, _, err = run_cli(monkeypatch, capsys, "predict", data, "--model", model_dir, "--out", tmp_path / "x.csv",
                         "--backend", "onnxruntime", "--onnx", tmp_path / "x.onnx")
     assert code == 0, err
     np.testing.assert_allclose(pd.read_csv(tmp_path / "x.csv")["p_atypical"], tables[()]["p_atypical"], atol=1e-4, rtol=0)
@@ -229,17 +215,17 @@ def test_bad_export_and_backend_options_are_one_line_errors(tmp_path: Path, monk
     model_dir, other = _save(tmp_path / "m"), _save(tmp_path / "other", seed=5)
     data = write_class_folders(tmp_path / "d", n_atypical=2, n_normal=2)
     out = tmp_path / "x.onnx"
-    _one_line(*_cli(monkeypatch, capsys, "export", model_dir, out, "-f", "tflite")[::2], "--format 'tflite'", "onnx, torchscript")
-    _one_line(*_cli(monkeypatch, capsys, "export", model_dir, out, "-f", "torchscript", "--int8")[::2], "--int8", "--format onnx")
-    _one_line(*_cli(monkeypatch, capsys, "export", model_dir, out, "--int8")[::2], "--int8 needs --check-data")
-    _one_line(*_cli(monkeypatch, capsys, "export", model_dir, out, "--check-data", data)[::2], "only apply with --int8")
-    _one_line(*_cli(monkeypatch, capsys, "export", model_dir, out, "--int8", "--check-data", tmp_path / "no")[::2], "no such")
-    _one_line(*_cli(monkeypatch, capsys, "export", model_dir, tmp_path)[::2], "OUT", "is a folder")
+    _one_line(*run_cli(monkeypatch, capsys, "export", model_dir, out, "-f", "tflite")[::2], "--format 'tflite'", "onnx, torchscript")
+    _one_line(*run_cli(monkeypatch, capsys, "export", model_dir, out, "-f", "torchscript", "--int8")[::2], "--int8", "--format onnx")
+    _one_line(*run_cli(monkeypatch, capsys, "export", model_dir, out, "--int8")[::2], "--int8 needs --check-data")
+    _one_line(*run_cli(monkeypatch, capsys, "export", model_dir, out, "--check-data", data)[::2], "only apply with --int8")
+    _one_line(*run_cli(monkeypatch, capsys, "export", model_dir, out, "--int8", "--check-data", tmp_path / "no")[::2], "no such")
+    _one_line(*run_cli(monkeypatch, capsys, "export", model_dir, tmp_path)[::2], "OUT", "is a folder")
     assert not out.exists()
     predict = ["predict", data, "--model", model_dir, "--out", tmp_path / "p.csv"]
-    _one_line(*_cli(monkeypatch, capsys, *predict, "--backend", "tensorrt")[::2], "--backend 'tensorrt'", "torch, onnxruntime")
-    _one_line(*_cli(monkeypatch, capsys, *predict, "--onnx", out)[::2], "--onnx is read by the onnxruntime backend only")
-    _one_line(*_cli(monkeypatch, capsys, *predict, "--backend", "onnxruntime", "--onnx", out)[::2], "--onnx", "no such file")
+    _one_line(*run_cli(monkeypatch, capsys, *predict, "--backend", "tensorrt")[::2], "--backend 'tensorrt'", "torch, onnxruntime")
+    _one_line(*run_cli(monkeypatch, capsys, *predict, "--onnx", out)[::2], "--onnx is read by the onnxruntime backend only")
+    _one_line(*run_cli(monkeypatch, capsys, *predict, "--backend", "onnxruntime", "--onnx", out)[::2], "--onnx", "no such file")
     ex.export_model(other, out)
-    _one_line(*_cli(monkeypatch, capsys, *predict, "--backend", "onnxruntime", "--onnx", out)[::2], "exported from other weights")
+    _one_line(*run_cli(monkeypatch, capsys, *predict, "--backend", "onnxruntime", "--onnx", out)[::2], "exported from other weights")
     assert not (tmp_path / "p.csv").exists()

@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mitotype.config import LossConfig, load_config
 from mitotype.errors import MitotypeError
