@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -136,7 +136,28 @@ def image_size(path: str | Path) -> tuple[int, int]:
         raise BadImage(f"{path}: cannot read image header ({_reason(err)})") from None
 
 
-class TiffSlideSource(Source):
+class _SlideSource(Source):
+    """What tiffslide and OpenSlide slides share: an opened ``slide`` with levels, downsamples, mpp."""
+
+    slide: Any
+
+    def _levels(self, mpp: Any) -> None:
+        """Level geometry from the slide and its level-0 microns per pixel (closes it if there is none)."""
+        if not mpp or not math.isfinite(float(mpp)) or float(mpp) <= 0:
+            self.slide.close()
+            raise _no_mpp(self.path)
+        self.dimensions = tuple(self.slide.dimensions)
+        self.downsamples = [float(d) for d in self.slide.level_downsamples]
+        self.level_mpps = [float(mpp) * d for d in self.downsamples]
+
+    def level_dimensions(self, level: int) -> tuple[int, int]:
+        return tuple(self.slide.level_dimensions[level])
+
+    def close(self) -> None:
+        self.slide.close()
+
+
+class TiffSlideSource(_SlideSource):
     """A slide read with tiffslide; each level is read through its zarr array (no whole-level decode)."""
 
     def __init__(self, path: str | Path, slide_mpp: float | None = None) -> None:
@@ -144,18 +165,8 @@ class TiffSlideSource(Source):
 
         self.path = Path(path)
         self.slide = tiffslide.TiffSlide(str(path))
-        props = self.slide.properties
-        mpp = props.get("tiffslide.mpp-x") or slide_mpp
-        if not mpp or not math.isfinite(float(mpp)) or float(mpp) <= 0:
-            self.slide.close()
-            raise _no_mpp(path)
-        self.axes = props.get("tiffslide.series-axes", "YXS")
-        self.dimensions = tuple(self.slide.dimensions)
-        self.downsamples = [float(d) for d in self.slide.level_downsamples]
-        self.level_mpps = [float(mpp) * d for d in self.downsamples]
-
-    def level_dimensions(self, level: int) -> tuple[int, int]:
-        return tuple(self.slide.level_dimensions[level])
+        self.axes = self.slide.properties.get("tiffslide.series-axes", "YXS")
+        self._levels(self.slide.properties.get("tiffslide.mpp-x") or slide_mpp)
 
     def read_box(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         array = self.slide.zarr_group[str(level)]  # one view per thread (tiffslide's), so threads read in parallel
@@ -167,11 +178,8 @@ class TiffSlideSource(Source):
             box = np.asarray(array[y0:y1, x0:x1])
         return _as_rgb8(box, self.path)
 
-    def close(self) -> None:
-        self.slide.close()
 
-
-class OpenSlideSource(Source):
+class OpenSlideSource(_SlideSource):
     """A slide tiffslide cannot open (e.g. .mrxs), read with OpenSlide where it is installed."""
 
     def __init__(self, path: str | Path, slide_mpp: float | None = None) -> None:
@@ -179,25 +187,13 @@ class OpenSlideSource(Source):
 
         self.path = Path(path)
         self.slide = openslide.OpenSlide(str(path))
-        mpp = self.slide.properties.get("openslide.mpp-x") or slide_mpp
-        if not mpp or float(mpp) <= 0:
-            self.slide.close()
-            raise _no_mpp(path)
-        self.dimensions = tuple(self.slide.dimensions)
-        self.downsamples = [float(d) for d in self.slide.level_downsamples]
-        self.level_mpps = [float(mpp) * d for d in self.downsamples]
-
-    def level_dimensions(self, level: int) -> tuple[int, int]:
-        return tuple(self.slide.level_dimensions[level])
+        self._levels(self.slide.properties.get("openslide.mpp-x") or slide_mpp)
 
     def read_box(self, level: int, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         ds = self.downsamples[level]
         rgba = self.slide.read_region((_round_half_up(x0 * ds), _round_half_up(y0 * ds)), level, (x1 - x0, y1 - y0))
         white = Image.new("RGBA", rgba.size, (BACKGROUND,) * 4)
         return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
-
-    def close(self) -> None:
-        self.slide.close()
 
 
 def _no_mpp(path: str | Path) -> MitotypeError:
