@@ -39,6 +39,8 @@ def test_heads_are_configuration() -> None:
         ("model.heads=[{name: label, weight: -1}]", "weight"),
         ("model.heads=[{nmae: x}]", "unknown config key 'nmae'"),
         ("model.reduce=max", "reduce: 'max' is not one of mean"),
+        ("model.center_crop=200", "center_crop: 200 px is larger than data.patch_size 128"),
+        ("model.center_crop=4", "center_crop: 4 must be 0"),
     ]:
         with pytest.raises(MitotypeError, match=message):
             load_config(None, [override])

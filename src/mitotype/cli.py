@@ -20,7 +20,7 @@ app.add_typer(data_app, name="data")
 out = Console()
 err = Console(stderr=True)  # messages and progress go to stderr, results to stdout
 
-RecipeOpt = typer.Option("lite0-quick", "--recipe", "-r", help="Recipe name in configs/ or a YAML path.")
+RecipeOpt = typer.Option("lite0-crop80", "--recipe", "-r", help="Recipe name (packaged, or in ./configs) or a YAML path.")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config field: section.field=value (repeatable).")
 SkipBadOpt = typer.Option(False, "--skip-bad", help="Skip unreadable / non-RGB images with a warning instead of stopping.")
 SkipMissingOpt = typer.Option(False, "--skip-missing", help="Drop CSV rows whose image is missing, with a warning.")

@@ -298,6 +298,8 @@ _CHOICES = {
 def validate_config(cfg: Config) -> None:
     _check_finite(cfg, "config")
     validate_model_config(cfg.model)
+    if cfg.model.center_crop > cfg.data.patch_size:
+        raise MitotypeError(f"config model.center_crop: {cfg.model.center_crop} px is larger than data.patch_size {cfg.data.patch_size}")
     cfg.augment.__post_init__()  # the augmentation config checks its own ranges
     for (section, name), choices in _CHOICES.items():
         value = getattr(getattr(cfg, section), name)
