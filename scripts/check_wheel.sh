@@ -23,6 +23,7 @@ assert mitotype.__file__.startswith(sys.argv[1]), f"mitotype imported from {mito
 print(f"mitotype {mitotype.__version__} from the wheel: {mitotype.__file__}")
 PY
 venv/bin/mitotype --help > /dev/null
+venv/bin/python -c "from mitotype.models.bundled import bundle_info; i = bundle_info(); print(f\"bundled model in the wheel: {i['folds']} folds, {i['bytes'] / 2**20:.1f} MiB\")"
 PYTHONPATH="$ROOT/tests" venv/bin/python -c "from conftest import write_class_folders; from pathlib import Path; write_class_folders(Path('data'))"
 venv/bin/mitotype train --data data --out run --recipe lite0-quick \
   --set model.pretrained=none --set model.backbone=test_efficientnet --set model.input_size=32 --set data.patch_size=32 \

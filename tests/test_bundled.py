@@ -66,3 +66,15 @@ def test_no_bundle_is_a_one_line_error(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setattr(importlib.resources, "files", lambda package: tmp_path)
     with pytest.raises(MitotypeError, match="no bundled model; pass a model"):
         bundled.bundled_model_dir()
+
+
+def test_the_shipped_bundle_is_the_default_recipes_fold_ensemble_within_40_mib() -> None:
+    info = bundled.bundle_info()
+    folder = bundled.bundled_model_dir()
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size <= 40 * 2**20 and info["folds"] == 5 and info["weights"] == "float16"
+    models = load_ensemble(folder)
+    assert len(models) == 5 and {m.card["build"]["center_crop"] for m in models} == {80}
+    assert {m.card["build"]["backbone"] for m in models} == {"tf_efficientnet_lite0"} and all(m.threshold == 0.5 for m in models)
+    per_fold = [m.card["provenance"]["metrics"]["held_out_fold"]["balanced_accuracy"] for m in models]
+    assert per_fold == [f["balanced_accuracy"] for f in info["cv"]["per_fold"]]  # each card carries its fold's measured score
