@@ -18,6 +18,7 @@ from torch import nn
 
 from mitotype.errors import MitotypeError
 from mitotype.inference.engine import predict_batch
+from mitotype.transforms.augment import dihedral_view
 
 BACKENDS = ("torch", "onnxruntime")
 
@@ -45,8 +46,8 @@ class TorchBackend:
 def dihedral_view_nhwc(batch: np.ndarray, k: int) -> np.ndarray:
     """View ``k`` of (B, H, W, C) patches, the same as ``dihedral_view`` makes of (B, C, H, W)
     ones: rotation by ``k % 4`` x 90 degrees of the horizontally flipped batch when ``k >= 4``."""
-    base = batch[:, :, ::-1] if k >= 4 else batch
-    return np.ascontiguousarray(np.rot90(base, k % 4, axes=(1, 2)) if k % 4 else base)
+    channels_first = torch.from_numpy(np.ascontiguousarray(batch)).movedim(-1, 1)
+    return dihedral_view(channels_first, k).movedim(1, -1).contiguous().numpy()
 
 
 class OnnxBackend:

@@ -95,12 +95,12 @@ def _command() -> str:
 def add_card_metrics(folder: Path, name: str, metrics: dict) -> None:
     """Record a measurement (e.g. the held-out fold's metrics) in an existing card's provenance."""
     card_path = Path(folder) / CARD_NAME
-    card = read_card(_read_json(card_path), card_path)
+    card = read_card(read_card_json(card_path), card_path)
     card["provenance"].setdefault("metrics", {})[name] = metrics
     write_json(card_path, card)
 
 
-def _read_json(card_path: Path) -> Any:
+def read_card_json(card_path: Path) -> Any:
     try:
         return json.loads(card_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -125,7 +125,7 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
     field is checked first, and no code from the files is run."""
     folder = model_dirs(path)[0] if not (Path(path) / CARD_NAME).is_file() else Path(path)
     card_path, weights_path = folder / CARD_NAME, folder / WEIGHTS_NAME
-    card = read_card(_read_json(card_path), card_path)
+    card = read_card(read_card_json(card_path), card_path)
     if not weights_path.is_file():
         raise MitotypeError(f"{weights_path}: weights missing beside the card")
     try:

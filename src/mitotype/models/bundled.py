@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from mitotype._io import atomic_path, write_json
 from mitotype.errors import MitotypeError
-from mitotype.models.artifact import CARD_NAME, WEIGHTS_NAME, _read_json, model_dirs
+from mitotype.models.artifact import CARD_NAME, WEIGHTS_NAME, read_card_json, model_dirs
 from mitotype.models.card import CARD_FORMAT, read_card
 
 BUNDLE_INFO = "bundle.json"
@@ -46,7 +46,7 @@ def bundle_run(run: Path, out: Path, *, command: str = "", half: bool = True) ->
     staging = Path(out).with_name(Path(out).name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     for i, folder in enumerate(folds):
-        card = read_card(_read_json(folder / CARD_NAME), folder / CARD_NAME)
+        card = read_card(read_card_json(folder / CARD_NAME), folder / CARD_NAME)
         state = load_file(str(folder / WEIGHTS_NAME))
         if half:
             state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
