@@ -42,7 +42,7 @@ def domain_key(df: pd.DataFrame, columns: list[str]) -> pd.Series:
     """One key per row joining ``columns`` (e.g. domain + scanner); empty parts are left out."""
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise MitotypeError(f"group_by: the data has no column '{missing[0]}' (columns: {', '.join(df.columns)})")
+        raise MitotypeError(f"{{group_by}}: the data has no column '{missing[0]}' (columns: {', '.join(df.columns)})", options=("group_by",))
     parts = df[columns].fillna("").astype(str)
     return parts.apply(lambda row: "/".join(v for v in row if v), axis=1)
 
@@ -55,12 +55,12 @@ def leave_one_out_folds(df: pd.DataFrame, columns: list[str]) -> tuple[np.ndarra
     key = domain_key(df, columns)
     if (key == "").any():
         first = df["path"][key == ""].iloc[0]
-        raise MitotypeError(f"group_by {','.join(columns)}: {int((key == '').sum())} patch(es) have no value, e.g. {first}")
+        raise MitotypeError(f"{{group_by}} {','.join(columns)}: {int((key == '').sum())} patch(es) have no value, e.g. {first}", options=("group_by",))
     names = sorted(key.unique())
     if len(names) < 2:
-        raise MitotypeError(f"group_by {','.join(columns)}: only one value ({names[0] if names else 'none'}); nothing to leave out")
+        raise MitotypeError(f"{{group_by}} {','.join(columns)}: only one value ({names[0] if names else 'none'}); nothing to leave out", options=("group_by",))
     folds = key.map({name: i for i, name in enumerate(names)}).to_numpy()
     for i, name in enumerate(names):
         if df["label"].to_numpy()[folds == i].min() == df["label"].to_numpy()[folds == i].max():
-            raise MitotypeError(f"group_by {','.join(columns)}: held-out domain '{name}' has only one class")
+            raise MitotypeError(f"{{group_by}} {','.join(columns)}: held-out domain '{name}' has only one class", options=("group_by",))
     return folds, names
