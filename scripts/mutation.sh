@@ -26,7 +26,7 @@ declare -A TESTS_FOR=(
   [workflows/runs]="tests/test_runs.py tests/test_training.py"
   [inference/engine]="tests/test_inference.py"
   [models/registry]="tests/test_models.py tests/test_inference.py tests/test_heads.py"
-  [transforms/augment]="tests/test_transforms.py tests/test_inference.py"
+  [transforms/augment]="tests/test_transforms.py tests/test_inference.py tests/test_augment_contract.py"
 )
 
 [ $# -gt 0 ] || { echo "usage: $0 MODULE [MODULE...]   (e.g. training/losses; known: ${!TESTS_FOR[*]})" >&2; exit 2; }

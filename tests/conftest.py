@@ -92,3 +92,22 @@ def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *arg
         code = exit_.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """timm's pretrained loading reads a local file instead of the hub: returns the model whose
+    random weights that file holds (test_efficientnet), so a test can compare tensors."""
+    import timm
+    from safetensors.torch import save_file
+
+    reference = timm.create_model("test_efficientnet", num_classes=0)
+    save_file(reference.state_dict(), str(tmp_path / "hub.safetensors"))
+    real = timm.create_model
+
+    def create(name, pretrained=False, **kw):
+        if pretrained:
+            kw["pretrained_cfg_overlay"] = {"file": str(tmp_path / "hub.safetensors"), "num_classes": 0}
+        return real(name, pretrained=pretrained, **kw)
+
+    monkeypatch.setattr(timm, "create_model", create)
+    return reference

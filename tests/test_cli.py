@@ -259,3 +259,14 @@ def test_an_opaque_palette_image_is_used_as_rgb(tmp_path: Path, monkeypatch: pyt
     result = _in_process(monkeypatch, capsys, "train", "--data", data, "--out", tmp_path / "r", *sets("train.epochs=1"))
     assert result.returncode == 0, result.stderr
     assert len(pd.read_csv(tmp_path / "r" / "manifest.csv")) == 40
+
+
+def test_an_interrupted_command_exits_130_not_0(monkeypatch, capsys) -> None:
+    import mitotype.workflows.recipes as recipes
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipes, "list_recipes", interrupted)
+    code, _, err = run_cli(monkeypatch, capsys, "recipes")
+    assert code == 130 and "aborted" in err

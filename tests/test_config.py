@@ -34,7 +34,8 @@ def test_heads_are_configuration() -> None:
     for override, message in [
         ("model.heads=[{name: a}, {name: a}]", "head names must be unique"),
         ("model.reduce_heads=[nope]", "must name some of the heads"),
-        ("model.heads=[{name: label, num_classes: 1}]", "num_classes: 1 must be at least 2"),
+        ("model.heads=[{name: label, num_classes: 0}]", "num_classes: 0 must be 1 .one logit: binary. or at least 2"),
+        ("model.heads=[{name: label, num_classes: 1, positive: [2]}]", r"positive: \[2\] must be distinct class indices in 0..1"),
         ("model.heads=[{name: label, positive: [2]}]", "positive"),
         ("model.heads=[{name: label, weight: -1}]", "weight"),
         ("model.heads=[{nmae: x}]", "unknown config key 'nmae'"),
@@ -110,3 +111,11 @@ def test_bad_device_names_are_one_line() -> None:
     with pytest.raises(MitotypeError, match="expected auto, cpu, cuda"):
         resolve_device("gpu")
     assert resolve_device("cpu").type == "cpu"
+
+
+def test_an_override_of_one_option_keeps_the_recipes_other_options(tmp_path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  options: {neck_dim: 512, se_reduction: 8}\n  kwargs: {in_chans: 3}\n")
+    cfg = load_config(str(recipe), ["model.options.neck_dim=256", "model.kwargs.drop_block_rate=0.1"])
+    assert cfg.model.options == {"neck_dim": 256, "se_reduction": 8}
+    assert cfg.model.kwargs == {"in_chans": 3, "drop_block_rate": 0.1}

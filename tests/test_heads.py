@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from mitotype.config import HeadConfig, LossConfig, ModelConfig
 from mitotype.errors import MitotypeError
 from mitotype.models.registry import create_model
-from mitotype.training.losses import MISSING, HeadLoss, class_weights, focal_loss, head_targets
+from mitotype.training.losses import MISSING, HeadLoss, class_weights, focal_loss, head_targets, require_targets
 
 LOGITS = torch.tensor([[2.0, -1.0], [0.3, 0.9], [-1.5, 1.0], [0.2, 0.1], [1.0, 1.5]])
 
@@ -98,3 +98,21 @@ def test_center_crop_sees_only_the_centre_of_the_patch() -> None:
         z = x.clone()
         z[..., 15, 15] += 0.5  # a change inside the centre does reach the output
         assert not torch.equal(model({"image": x})["label"], model({"image": z})["label"])
+
+
+def test_a_batch_without_any_target_gives_zero_loss_that_still_backpropagates() -> None:
+    heads = {"e1": HeadConfig(name="e1", target="expert_1")}
+    logits = torch.randn(4, 2, requires_grad=True)
+    loss = HeadLoss(LossConfig(), heads)({"e1": logits}, {"expert_1": torch.full((4,), MISSING)})
+    loss.backward()  # a plain zeros() total would have no grad_fn and raise here
+    assert loss.item() == 0.0 and logits.grad is not None and torch.equal(logits.grad, torch.zeros(4, 2))
+
+
+def test_a_weighted_head_without_any_training_target_is_refused_before_training() -> None:
+    heads = {"label": HeadConfig(), "e1": HeadConfig(name="e1", target="expert_1", weight=0.5)}
+    targets = {"label": torch.tensor([0, 1, 0, 1]), "expert_1": torch.tensor([MISSING, MISSING, 1, MISSING])}
+    require_targets(targets, heads, np.array([2, 3]))  # row 2 has an expert vote: fine
+    with pytest.raises(MitotypeError, match="head 'e1' has no target in column 'expert_1' on any training row"):
+        require_targets(targets, heads, np.array([0, 1, 3]))
+    heads["e1"] = HeadConfig(name="e1", target="expert_1", weight=0.0)  # a head without loss weight may lack targets
+    require_targets(targets, heads, np.array([0, 1, 3]))

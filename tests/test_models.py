@@ -7,6 +7,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from conftest import fake_hub
+
 from mitotype.config import ModelConfig, load_config
 from mitotype.errors import MitotypeError
 from mitotype.models.artifact import load_model, save_model
@@ -48,7 +50,7 @@ def test_unknown_backbone_arch_and_source() -> None:
     with pytest.raises(MitotypeError, match="not a registered model"):
         create_model(ModelConfig(arch="nope"))
     with pytest.raises(MitotypeError, match="is not one of"):
-        create_model(tiny_cfg(pretrained="imagenet"))
+        create_model(tiny_cfg(pretrained="imagenet-lite9"))
     with pytest.raises(MitotypeError, match="fit backbone tf_efficientnet_lite0"):
         create_model(tiny_cfg(pretrained="imagenet-lite0"))
 
@@ -85,16 +87,7 @@ def test_hub_source_fails_offline_with_a_clear_message(monkeypatch: pytest.Monke
 
 def test_hub_source_uses_timm_download_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Online, 'hub' is timm's own pretrained loading; here a local file stands in for the hub."""
-    reference = timm.create_model("test_efficientnet", num_classes=0)
-    save_file(reference.state_dict(), str(tmp_path / "hub.safetensors"))
-    real = timm.create_model
-
-    def fake_create(name, pretrained=False, **kw):
-        if pretrained:
-            kw["pretrained_cfg_overlay"] = {"file": str(tmp_path / "hub.safetensors"), "num_classes": 0}
-        return real(name, pretrained=pretrained, **kw)
-
-    monkeypatch.setattr(timm, "create_model", fake_create)
+    reference = fake_hub(monkeypatch, tmp_path)
     backbone, norm = create_backbone("test_efficientnet", "hub")
     assert torch.equal(backbone.conv_stem.weight, reference.conv_stem.weight)
     assert len(norm.mean) == 3

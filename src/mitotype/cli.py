@@ -31,12 +31,17 @@ DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: the
 def _config(recipe: str, overrides: Optional[List[str]], skip_bad: bool = False, device: Optional[str] = None):
     from mitotype.config import load_config
 
+    return load_config(recipe, _overrides(overrides, skip_bad, device))
+
+
+def _overrides(overrides: Optional[List[str]], skip_bad: bool = False, device: Optional[str] = None) -> list[str]:
+    """--set values, then what --skip-bad and --device mean as config overrides."""
     extra = list(overrides or [])
     if skip_bad:
         extra.append("data.on_bad_image=skip")
     if device:
         extra.append(f"train.device={device}")
-    return load_config(recipe, extra)
+    return extra
 
 
 def _existing(path: Path, what: str) -> Path:
@@ -95,6 +100,21 @@ def data_download(
 
     folder = download(name, dest, base_url=base_url)
     out.print(f"{name} → {folder}\ncite: {DATASETS[name].citation}")
+
+
+@data_app.command("augment-amf")
+def data_augment_amf(
+    src: Path = typer.Argument(..., metavar="IN", help="Labelled dataset (any layout mitotype reads)."),
+    out_folder: Path = typer.Argument(..., metavar="OUT", help="New or empty folder: Atypical/, Normal/, metadata.csv."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the variants' draws; the same seed writes identical files."),
+    skip_missing: bool = SkipMissingOpt,
+) -> None:
+    """Write each atypical patch plus 4 variants (rotations, flips, brightness/contrast/sharpness); copy normal ones."""
+    from mitotype.data.augment_amf import augment_amf
+
+    s = augment_amf(_existing(src, "dataset"), out_folder, seed=seed, skip_missing=skip_missing)
+    out.print(f"{s.n_images} patches → {out_folder}: {s.n_atypical} atypical + {s.n_variants} variants, {s.n_normal} normal "
+              f"(seed {seed}); read as {s.layout}", markup=False)
 
 
 @app.command()
@@ -323,6 +343,104 @@ def explain(
     out.print(f"{len(table)} overlays (target {target}) → {out_dir}; contact sheet → {out_dir / SHEET_NAME}")
 
 
+@app.command()
+def recipes(
+    fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json."),
+) -> None:
+    """Every recipe that ships: description, architecture, backbone, input size and where its weights come from."""
+    from mitotype.workflows.recipes import list_recipes
+
+    if fmt not in ("table", "csv", "json"):
+        raise MitotypeError(f"--format '{fmt}': must be table, csv or json")
+    rows = [r.as_dict() for r in list_recipes()]
+    if fmt == "json":
+        import json
+
+        print(json.dumps(rows, indent=2))
+    elif fmt == "csv":
+        import pandas as pd
+
+        print(pd.DataFrame(rows, columns=["name", "description", "arch", "backbone", "input_size", "weights", "source", "error"])
+              .to_csv(index=False), end="")
+    else:
+        table = Table("recipe", "arch", "backbone", "input", "weights", "description", show_lines=True)
+        for r in rows:
+            weights = f"{r['weights']} ({r['source']})" if r["source"] and r["source"] != r["weights"] else r["weights"]
+            text = f"[red]{r['error']}[/red]" if r["error"] else r["description"]
+            table.add_row(r["name"], r["arch"], r["backbone"], _fmt_int(r["input_size"]), weights, text)
+        out.print(table)
+
+
+def _fmt_int(value) -> str:
+    return "–" if value is None else str(value)
+
+
+@app.command()
+def tune(
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset (folder or CSV)."),
+    trials: int = typer.Option(..., "--trials", "-n", help="Finished trials wanted in all (a rerun continues the study)."),
+    recipe: str = RecipeOpt,
+    folds: int = typer.Option(5, "--folds", "-k", help="Grouped folds per trial."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Study folder (default runs/<recipe>-tune)."),
+    params: Optional[List[str]] = typer.Option(None, "--param", "-p", help="Also search section.field=SPEC (repeatable); SPEC: "
+                                               "float:LO:HI, log:LO:HI, int:LO:HI or choice:A,B."),
+    default_space: bool = typer.Option(True, "--default-space/--no-default-space", help="Search lr, dropout and focal alpha/gamma "
+                                       "(trials then use focal loss unless loss.name is a --param)."),
+    seed: int = typer.Option(0, "--seed", help="Sampler seed."),
+    overrides: Optional[List[str]] = SetOpt,
+    skip_bad: bool = SkipBadOpt,
+    skip_missing: bool = SkipMissingOpt,
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """Optuna search, each trial a grouped CV pruned after each fold; resumable; the best config → OUT/best.yaml."""
+    from mitotype.workflows.runs import load_dataset
+    from mitotype.workflows.tune import search_space, tune as tune_run
+
+    extra = _overrides(overrides, skip_bad, device)
+    cfg = _config(recipe, extra)
+    search_space(recipe, extra, list(params or []), default_space=default_space)  # bad --param fails before decoding
+    out_dir = out_dir or Path("runs") / f"{cfg.recipe}-tune"
+    ds = load_dataset(_existing(data, "--data"), cfg, skip_missing, skipped_note=f"skipped.csv in {out_dir}/trial_*")
+    report = lambda t: err.print(f"trial {t['trial']}: {t['state'].lower()}" + (f", mean balanced accuracy {t['value']:.3f}"  # noqa: E731
+                                                                                  if t["value"] is not None else ""))
+    result = tune_run(recipe, ds, out_dir, trials=trials, folds=folds, overrides=extra, params=list(params or []),
+                      default_space=default_space, seed=seed, on_trial=report)
+    out.print(f"{result.ran} trial(s) run now; {result.complete} complete, {result.pruned} pruned → {result.trials_csv}")
+    if result.best_yaml:
+        out.print(f"best: trial {result.best_trial}, mean balanced accuracy {result.best_value:.3f} → {result.best_yaml} "
+                  f"(use --recipe {result.best_yaml})")
+    else:
+        out.print("no trial has completed yet: no best.yaml")
+
+
+@app.command()
+def compare(
+    recipes_: str = typer.Option(..., "--recipes", help="Recipes separated by commas (names or YAML paths)."),
+    data: Path = typer.Option(..., "--data", "-d", help="Dataset (folder or CSV)."),
+    folds: int = typer.Option(5, "--folds", "-k", help="Grouped folds per recipe."),
+    out_dir: Path = typer.Option(Path("runs/compare"), "--out", "-o", help="One cv run per recipe + compare.md/.csv/.png."),
+    overrides: Optional[List[str]] = SetOpt,
+    skip_bad: bool = SkipBadOpt,
+    skip_missing: bool = SkipMissingOpt,
+    device: Optional[str] = DeviceOpt,
+) -> None:
+    """The same grouped CV for each recipe (finished runs reused), then one table: mean ± sd metrics, time, size, speed."""
+    from mitotype._io import check_output_dir
+    from mitotype.workflows.compare import LABELS, compare as compare_runs, parse_recipes
+
+    names = parse_recipes(recipes_)
+    check_output_dir(out_dir, "out_dir")
+    table = compare_runs(names, _existing(data, "--data"), out_dir, folds=folds, overrides=_overrides(overrides, skip_bad, device),
+                         skip_missing=skip_missing, on_status=lambda name, what: err.print(f"{name}: {what}"))
+    shown = Table("recipe", *LABELS.values(), "wall s", "device", "params", "patches/s")
+    for r in table.to_dict("records"):
+        cells = ["–" if r[f"{m}_mean"] is None or r[f"{m}_mean"] != r[f"{m}_mean"] else f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_sd']:.3f}"
+                 for m in LABELS]
+        shown.add_row(r["recipe"], *cells, f"{r['wall_seconds']:.1f}", r["device"], f"{r['params']:,}", f"{r['patches_per_s']:,.1f}")
+    out.print(shown)
+    out.print(f"→ {out_dir}/compare.md, compare.csv, compare.png")
+
+
 def _model_path(model: Optional[Path]) -> Path:
     """The model the user named, else the one bundled with mitotype."""
     if model is not None:
@@ -378,7 +496,7 @@ def _print_cv(summary: dict, out_dir: Path) -> None:
 def _flag(option: str) -> str:
     """The flag of a library parameter named in an error (skip_missing -> --skip-missing)."""
     flags = {"out_dir": "--out", "out_csv": "--out", "train_data": "--train", "fmt": "--format", "out_file": "OUT",
-             "explain_dir": "OUT_DIR"}
+             "explain_dir": "OUT_DIR", "out_folder": "OUT"}
     return flags.get(option, "--" + option.replace("_", "-"))
 
 
@@ -386,7 +504,10 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # Ctrl-C: typer returns 130 here instead of raising
+        if isinstance(code, int) and code:
+            err.print("aborted" if code == 130 else f"exit status {code}")
+            sys.exit(code)
     except MitotypeError as e:
         err.print(f"error: {e.render(_flag)}", style="red", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -34,6 +34,7 @@ class DataConfig:
     cache_dir: str | None = None  # memory-map decoded images here (None: decode into memory)
     split_seed: int = 42  # StratifiedGroupKFold seed
     val_fraction: float = 0.0  # grouped inner validation split for early stopping (0 = none)
+    stratify: list[str] = field(default_factory=lambda: ["label"])  # grouped folds balance the combinations of these columns
     mpp: float | None = None  # microns per pixel of the patches (AMi-Br: 0.25); stored in the model card
 
 
@@ -57,7 +58,7 @@ class HeadConfig:
 class ModelConfig:
     arch: str = "timm"  # model builder in the registry (mitotype.models.registry)
     backbone: str = "tf_efficientnet_lite0"  # timm model name
-    pretrained: str = "none"  # imagenet-lite0|1|2, hub, file:PATH, none
+    pretrained: str = "none"  # imagenet (Lite packages, else timm's if cached, else scratch), imagenet-lite0|1|2, hub, file:PATH, none
     input_size: int = 128  # patches are resized to this inside the model
     center_crop: int = 0  # keep the central N px of the patch before resizing (0: the whole patch)
     drop_rate: float = 0.2
@@ -66,7 +67,8 @@ class ModelConfig:
     heads: list[HeadConfig] = field(default_factory=lambda: [HeadConfig()])
     reduce: str = "mean"  # how the reduce_heads' positive-class probabilities become p_atypical
     reduce_heads: list[str] = field(default_factory=lambda: ["label"])
-    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for the builder
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for timm's constructor
+    options: dict[str, Any] = field(default_factory=dict)  # the arch's own settings (blocks, neck, adapters); checked by its builder
 
 
 REDUCTIONS = ("mean",)  # mean over reduce_heads of the probability of their positive classes
@@ -85,13 +87,13 @@ def validate_model_config(m: ModelConfig, where: str = "config model") -> None:
         at = f"{where}.heads[{i}]"
         if not h.name or not h.target:
             raise MitotypeError(f"{at}: name and target must be non-empty")
-        if h.num_classes < 2:
-            raise MitotypeError(f"{at}.num_classes: {h.num_classes} must be at least 2")
+        if h.num_classes < 1:
+            raise MitotypeError(f"{at}.num_classes: {h.num_classes} must be 1 (one logit: binary) or at least 2")
+        n = max(h.num_classes, 2)  # a 1-logit head is binary: its logit is log P(1) - log P(0)
         if not math.isfinite(h.weight) or h.weight < 0:
             raise MitotypeError(f"{at}.weight: {h.weight} must be a finite number >= 0")
-        if not h.positive or len(set(h.positive)) != len(h.positive) or len(h.positive) >= h.num_classes \
-                or not all(0 <= c < h.num_classes for c in h.positive):
-            raise MitotypeError(f"{at}.positive: {h.positive} must be distinct class indices in 0..{h.num_classes - 1}, not all of them")
+        if not h.positive or len(set(h.positive)) != len(h.positive) or len(h.positive) >= n or not all(0 <= c < n for c in h.positive):
+            raise MitotypeError(f"{at}.positive: {h.positive} must be distinct class indices in 0..{n - 1}, not all of them")
     if not any(h.weight > 0 for h in m.heads):
         raise MitotypeError(f"{where}.heads: at least one head needs a weight > 0")
     if m.reduce not in REDUCTIONS:
@@ -103,7 +105,7 @@ def validate_model_config(m: ModelConfig, where: str = "config model") -> None:
 
 @dataclass
 class LossConfig:
-    name: str = "ce"  # ce | focal
+    name: str = "ce"  # ce | focal | bce (binary cross-entropy on each head's positive-class log-odds)
     focal_alpha: float = 0.25  # weight of the atypical (positive) class in focal loss
     focal_gamma: float = 2.0
     class_weights: bool = False  # weight cross-entropy by inverse class frequency
@@ -224,7 +226,10 @@ def _apply(obj: Any, values: dict[str, Any], where: str) -> None:
                 raise MitotypeError(f"{where}: '{key}' must be a mapping of its fields")
             _apply(current, value, f"{where}: {key}")
         else:
-            setattr(obj, key, _coerce(value, hints[key], f"{where.split(': ', 1)[-1]}.{key}".lstrip(".")))
+            value = _coerce(value, hints[key], f"{where.split(': ', 1)[-1]}.{key}".lstrip("."))
+            if isinstance(current, dict) and isinstance(value, dict):  # model.options.X=v keeps the recipe's other options
+                value = {**current, **value}
+            setattr(obj, key, value)
 
 
 def packaged_recipes() -> dict[str, Traversable]:
@@ -289,7 +294,7 @@ SIZE_POLICIES = ("error", "center-crop", "resize")
 _CHOICES = {
     ("data", "size_policy"): SIZE_POLICIES,
     ("data", "on_bad_image"): ("error", "skip"),
-    ("loss", "name"): ("ce", "focal"),
+    ("loss", "name"): ("ce", "focal", "bce"),
     ("train", "optimizer"): ("adamw", "adam"),
     ("train", "sampler"): ("balanced", "shuffle"),
 }
@@ -324,6 +329,8 @@ def validate_config(cfg: Config) -> None:
             raise MitotypeError(f"config {key}: {value} is out of range ({lo} .. {hi if hi is not None else 'inf'})")
     if not 0 <= cfg.data.val_fraction < 1:
         raise MitotypeError("config data.val_fraction: must be in [0, 1)")
+    if not cfg.data.stratify or len(set(cfg.data.stratify)) != len(cfg.data.stratify) or not all(cfg.data.stratify):
+        raise MitotypeError(f"config data.stratify: {cfg.data.stratify} must be distinct manifest column names, e.g. [label, hard]")
 
 
 def _check_finite(value: Any, where: str) -> None:

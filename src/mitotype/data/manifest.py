@@ -11,6 +11,9 @@ Columns (always present, in this order, before any pass-through columns):
 - ``hard``: experts disagree (False when fewer than two votes)
 - ``subtype``: phase / subtype label where known, e.g. "AMF segregation"
 
+Derived after those: ``scanner`` (see :mod:`mitotype.data.domains`) and ``label4`` (0 NMF-easy,
+1 NMF-hard, 2 AMF-easy, 3 AMF-hard; NaN where hardness is unknown), a 4-class target.
+
 Per-expert votes are kept as ``expert_1``, ``expert_2``... (1.0 atypical, 0.0 normal, NaN unknown).
 Any other column a source carries passes through to every output.
 """
@@ -36,7 +39,7 @@ def expert_columns(df: pd.DataFrame) -> list[str]:
 
 
 def finalize(df: pd.DataFrame) -> pd.DataFrame:
-    """Fill defaults, derive vote counts and ``hard``, order columns, check types."""
+    """Fill defaults, derive vote counts, ``hard`` and ``label4``, order columns, check types."""
     df = df.copy()
     if "path" not in df or "label" not in df:
         raise MitotypeError("a manifest needs at least the columns 'path' and 'label'")
@@ -61,8 +64,16 @@ def finalize(df: pd.DataFrame) -> pd.DataFrame:
         df["votes_atypical"] = 0
     df["hard"] = (df["n_votes"] >= 2) & (df["votes_atypical"] > 0) & (df["votes_atypical"] < df["n_votes"])
     df["scanner"] = scanners(df)
+    df["label4"] = label4(df)
     rest = [c for c in df.columns if c not in CORE_COLUMNS]
     return df[CORE_COLUMNS + rest].reset_index(drop=True)
+
+
+def label4(df: pd.DataFrame) -> np.ndarray:
+    """Class and hardness in one target: 0 NMF-easy, 1 NMF-hard, 2 AMF-easy, 3 AMF-hard (2 x label + hard);
+    NaN where hardness is unknown (fewer than two expert votes) or the patch is unlabelled."""
+    known = (df["n_votes"] >= 2) & (df["label"] != UNLABELLED)
+    return np.where(known, 2 * df["label"] + df["hard"].astype(int), np.nan)
 
 
 def read_csv_checked(path: Path, **kwargs) -> pd.DataFrame:

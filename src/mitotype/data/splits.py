@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -13,8 +14,20 @@ from mitotype.data.manifest import read_csv_checked
 from mitotype.errors import MitotypeError
 
 
-def grouped_folds(df: pd.DataFrame, k: int, seed: int = 42) -> np.ndarray:
-    """Fold number (0..k-1) of each row: StratifiedGroupKFold on label, grouped by ``group``."""
+def strata(df: pd.DataFrame, stratify: Sequence[str] = ("label",)) -> np.ndarray:
+    """What the folds balance: the ``label`` column itself (the default, so folds stay as they were),
+    or one code per combination of the ``stratify`` columns (e.g. label x hard); NaN is a value of its own."""
+    missing = [c for c in stratify if c not in df.columns]
+    if missing:
+        raise MitotypeError(f"config data.stratify: column '{missing[0]}' is not in the data (columns: {', '.join(map(str, df.columns))})")
+    if list(stratify) == ["label"]:
+        return df["label"].to_numpy()
+    keys = df[list(stratify)].astype(str).agg("|".join, axis=1)
+    return np.unique(keys.to_numpy(), return_inverse=True)[1]
+
+
+def grouped_folds(df: pd.DataFrame, k: int, seed: int = 42, stratify: Sequence[str] = ("label",)) -> np.ndarray:
+    """Fold number (0..k-1) of each row: StratifiedGroupKFold on :func:`strata`, grouped by ``group``."""
     n_groups = df["group"].nunique()
     if k < 2:
         raise MitotypeError(f"{{folds}} {k}: need at least 2 folds", options=("folds",))
@@ -22,7 +35,7 @@ def grouped_folds(df: pd.DataFrame, k: int, seed: int = 42) -> np.ndarray:
         raise MitotypeError(f"{{folds}} {k}: only {n_groups} group(s) (slides) in the data; use at most {n_groups} folds", options=("folds",))
     folds = np.full(len(df), -1, dtype=int)
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    for fold, (_, test) in enumerate(splitter.split(np.zeros(len(df)), df["label"].to_numpy(), df["group"].to_numpy())):
+    for fold, (_, test) in enumerate(splitter.split(np.zeros(len(df)), strata(df, stratify), df["group"].to_numpy())):
         folds[test] = fold
     for fold in range(k):
         labels = df["label"].to_numpy()[folds == fold]
@@ -40,10 +53,10 @@ def assert_disjoint(df: pd.DataFrame, folds: np.ndarray) -> None:
         raise MitotypeError(f"split puts group '{leaking.index[0]}' on both sides ({len(leaking)} group(s) in total)")
 
 
-def train_val_split(df: pd.DataFrame, val_fraction: float, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+def train_val_split(df: pd.DataFrame, val_fraction: float, seed: int = 42, stratify: Sequence[str] = ("label",)) -> tuple[np.ndarray, np.ndarray]:
     """Grouped, stratified hold-out of about ``val_fraction`` of the rows (for early stopping)."""
     k = max(2, round(1 / val_fraction))
-    folds = grouped_folds(df, k, seed)
+    folds = grouped_folds(df, k, seed, stratify)
     return np.flatnonzero(folds != 0), np.flatnonzero(folds == 0)
 
 

@@ -72,3 +72,24 @@ def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, path: Path, title: st
         ax.set_title(title)
     fig.tight_layout()
     _save(fig, path)
+
+
+def plot_metric_bars(names: list[str], metrics: dict[str, tuple[list, list]], path: Path, title: str = "") -> None:
+    """Grouped bars, one group per name (recipe), one bar per metric, with ± sd error bars; undefined values are left out."""
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(names) * max(len(metrics), 1) + 1.5), 4.0))
+    width = 0.8 / max(len(metrics), 1)
+    x = np.arange(len(names))
+    for i, (label, (means, sds)) in enumerate(metrics.items()):
+        m = np.array([np.nan if v is None else v for v in means], dtype=float)
+        s = np.array([np.nan if v is None else v for v in sds], dtype=float)
+        bars = ax.bar(x + (i - (len(metrics) - 1) / 2) * width, np.nan_to_num(m), width, yerr=np.where(np.isnan(s), 0, s),
+                      capsize=3, label=label)
+        ax.bar_label(bars, labels=["–" if np.isnan(v) else f"{v:.2f}" for v in m], fontsize=7, padding=2)
+    ax.set_xticks(x, names, rotation=20 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center")
+    ax.set_ylim(0, 1.18)  # room for the legend above the bars
+    ax.axhline(0.5, ls="--", color="grey", lw=1)
+    ax.legend(loc="upper center", ncol=max(len(metrics), 1), fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)

@@ -25,7 +25,7 @@ from mitotype.data.images import iter_batches
 from mitotype.data.manifest import LABEL_NAMES
 from mitotype.errors import MitotypeError
 from mitotype.inference.engine import predict_batch
-from mitotype.models.registry import MitotypeModel
+from mitotype.models.registry import MitotypeModel, class_logits
 from mitotype.transforms.batch import to_input
 
 TARGETS = ("atypical", "predicted")
@@ -39,7 +39,7 @@ def atypical_log_odds(net: MitotypeModel, outputs: dict[str, torch.Tensor]) -> t
     for one binary head, without the saturation of the probability itself."""
     per_head = []
     for name in net.reduce_heads:
-        z = outputs[name].float()
+        z = class_logits(outputs[name].float())  # a 1-logit head: [0, z]
         pos = list(net.head_specs[name].positive)
         neg = [i for i in range(z.shape[1]) if i not in pos]
         per_head.append(z[:, pos].logsumexp(dim=1) - z[:, neg].logsumexp(dim=1))
@@ -93,6 +93,9 @@ def grad_cams(nets: Sequence[MitotypeModel], images: torch.Tensor, classes: Sequ
     b, _, h, w = images.shape
     total = np.zeros((b, h, w), dtype=np.float32)
     for net in nets:
+        if not getattr(net, "single_view", True):  # a CAM of a backbone run on two views at once mixes them
+            raise MitotypeError(f"explain: a {type(net).__name__} feeds several views of a patch through its backbone; "
+                                "Grad-CAM supports single-view models only")
         top = left = 0
         x = images
         crop = net.center_crop

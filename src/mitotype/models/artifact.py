@@ -23,7 +23,7 @@ from mitotype._io import atomic_path, write_json
 from mitotype.config import Config
 from mitotype.errors import MitotypeError
 from mitotype.models.card import CARD_FORMAT, build_spec, model_config, read_card
-from mitotype.models.pretrained import Normalization
+from mitotype.models.pretrained import Normalization, weights_source
 from mitotype.models.registry import MitotypeModel, create_model
 
 WEIGHTS_NAME, CARD_NAME = "model.safetensors", "model.json"
@@ -57,7 +57,7 @@ def save_model(model: MitotypeModel, cfg: Config, out_dir: Path, threshold: floa
 
     Weights that are not finite (a diverged run) are refused: such a model is never saved as done.
     """
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in trained_state(model).items()}
     broken = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if broken is not None:
         raise MitotypeError(f"{out_dir}: the trained weights are not finite (e.g. {broken}); the model was not saved, lower train.lr")
@@ -82,9 +82,23 @@ def save_model(model: MitotypeModel, cfg: Config, out_dir: Path, threshold: floa
         "provenance": {
             "recipe": cfg.recipe, "description": cfg.description, "command": _command(),
             "config": cfg.to_dict(), "trained_on": trained_on, "metrics": metrics,
+            "weights": weights_source(model) or cfg.model.pretrained,  # the starting weights used, e.g. none after imagenet fell back
         },
     }
     write_json(out_dir / CARD_NAME, card)
+
+
+def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint or artifact carries: all of them, unless the model names fewer with
+    ``saved_state_dict()`` (a foundation model leaves out the backbone its card names the source of)."""
+    own = getattr(model, "saved_state_dict", None)
+    return own() if own is not None else model.state_dict()
+
+
+def load_trained_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load what :func:`trained_state` wrote; the rest of such a model was built from its source."""
+    own = getattr(model, "load_saved_state_dict", None)
+    own(state) if own is not None else model.load_state_dict(state)
 
 
 def _command() -> str:
@@ -135,7 +149,7 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
     image = card["build"]["views"]["image"]
     model.set_normalization(Normalization(tuple(image["mean"]), tuple(image["std"])))
     try:
-        model.load_state_dict(load_file(str(weights_path)))
+        load_trained_state(model, load_file(str(weights_path)))
     except Exception as err:  # noqa: BLE001
         raise MitotypeError(f"{weights_path}: weights do not fit the card's model ({str(err).splitlines()[0][:160]})") from None
     model = model.to(device).to(memory_format=torch.channels_last).eval()

@@ -19,7 +19,7 @@ from mitotype.errors import MitotypeError
 
 CARD_FORMAT = "mitotype-model/2"
 OLD_FORMATS = ("mitotype-model/1",)
-BUILD_MODEL_FIELDS = ("arch", "backbone", "input_size", "center_crop", "drop_rate", "drop_path_rate", "kwargs", "reduce", "reduce_heads")
+BUILD_MODEL_FIELDS = ("arch", "backbone", "input_size", "center_crop", "drop_rate", "drop_path_rate", "kwargs", "options", "reduce", "reduce_heads")
 
 
 def build_spec(model_cfg: ModelConfig, *, mean: tuple, std: tuple, patch_size: int, size_policy: str, mpp: float | None) -> dict[str, Any]:
@@ -28,6 +28,7 @@ def build_spec(model_cfg: ModelConfig, *, mean: tuple, std: tuple, patch_size: i
     spec["heads"] = [dict(vars(h)) for h in model_cfg.heads]
     spec["views"] = {"image": {"input": "RGB uint8 / 255, resized to input_size inside the model", "mean": list(mean), "std": list(std)}}
     spec.update(patch_size=patch_size, size_policy=size_policy, mpp=mpp)
+    spec["pretrained"] = model_cfg.pretrained  # the weight source: what a model whose card names its backbone rebuilds it from
     return spec
 
 
@@ -59,6 +60,10 @@ def read_card(card: Any, path: Path) -> dict[str, Any]:
     if build.get("mpp") is not None:
         check.number(build, "mpp", "build", lo=0, hi=100, open_interval=True)
     check.mapping(build, "kwargs", "build")
+    build.setdefault("options", {})  # cards written before model.options existed
+    build.setdefault("pretrained", "none")  # cards written before the weight source was in build
+    check.text(build, "pretrained", "build")
+    check.mapping(build, "options", "build")
     reduce_heads = check.get(build, "reduce_heads", "build")
     if not (isinstance(reduce_heads, list) and all(isinstance(n, str) for n in reduce_heads)):
         check.fail("build.reduce_heads", f"expected a list of head names, got {reduce_heads!r}")
@@ -71,7 +76,7 @@ def read_card(card: Any, path: Path) -> dict[str, Any]:
             check.fail(where, f"expected an object, got {head!r}")
         check.text(head, "name", where)
         check.text(head, "target", where)
-        check.integer(head, "num_classes", where, lo=2, hi=1000)
+        check.integer(head, "num_classes", where, lo=1, hi=1000)  # 1: one binary logit
         check.number(head, "weight", where, lo=0, hi=1e6)
         positive = check.get(head, "positive", where)
         if not (isinstance(positive, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in positive)):
@@ -91,11 +96,13 @@ def read_card(card: Any, path: Path) -> dict[str, Any]:
 
 
 def model_config(card: dict[str, Any]) -> ModelConfig:
-    """The ModelConfig that rebuilds a (checked) card's network; no starting weights, nothing frozen."""
+    """The ModelConfig that rebuilds a (checked) card's network, nothing frozen; ``pretrained`` is the card's
+    weight source, which builders use with ``create_model(..., pretrained=False)`` only for weights the
+    saved state leaves out (a foundation model's backbone)."""
     build = card["build"]
     fields = {name: build[name] for name in BUILD_MODEL_FIELDS}
     heads = [HeadConfig(**{k: h[k] for k in ("name", "target", "num_classes", "weight", "positive")}) for h in build["heads"]]
-    return ModelConfig(**fields, heads=heads, pretrained="none", freeze_groups=0)
+    return ModelConfig(**fields, heads=heads, pretrained=build["pretrained"], freeze_groups=0)
 
 
 def _from_v1(card: dict[str, Any], check: "_Checker") -> dict[str, Any]:

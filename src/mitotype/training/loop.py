@@ -26,11 +26,12 @@ from mitotype.data.images import ImageStore
 from mitotype.evaluation.metrics import best_threshold, binary_metrics
 from mitotype.errors import MitotypeError
 from mitotype.inference.engine import predict_batch, resolve_device
-from mitotype.models.artifact import CARD_NAME, save_model
+from mitotype.models.artifact import CARD_NAME, load_trained_state, save_model, trained_state
 from mitotype.progress import console, progress_bar
 from mitotype.models.registry import MitotypeModel, create_model
 from mitotype.training.checkpoint import load_checkpoint, save_checkpoint
-from mitotype.training.losses import HeadLoss, head_targets
+from mitotype.training.features import feature_view
+from mitotype.training.losses import HeadLoss, head_targets, require_targets
 from mitotype.training.schedule import warmup_cosine
 from mitotype.transforms.augment import BatchAugment
 from mitotype.transforms.batch import build_batch
@@ -97,9 +98,12 @@ def fit(
     resume: bool = False,
     stop_after_epoch: int | None = None,
     show_progress: bool = True,
+    feature_dir: Path | None = None,
 ) -> FitResult:
     """Train one model on manifest rows ``train_idx``; validate on ``val_idx`` when given.
 
+    A frozen backbone's features are cached in ``feature_dir`` (default: ``run_dir/features``; cv
+    passes one for all folds) and the loop reads them instead of pixels (training/features.py).
     ``stop_after_epoch`` ends the process's work early (as an interruption would), leaving a
     checkpoint that ``resume=True`` continues from: used by the resume test.
     """
@@ -119,7 +123,9 @@ def fit(
     labels = manifest["label"].to_numpy()
     train_labels = labels[train_idx]
     targets_all = head_targets(manifest, {h.name: h for h in cfg.model.heads})  # checked before any work
+    require_targets(targets_all, {h.name: h for h in cfg.model.heads}, train_idx)
     model = create_model(cfg.model).to(device)
+    store = feature_view(cfg, model, store, cache_dir=feature_dir or run_dir / "features", device=device)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
@@ -135,7 +141,7 @@ def fit(
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     if resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
+        load_trained_state(model, state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -182,24 +188,24 @@ def fit(
                 record.update({f"val_{k}": metrics[k] for k in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")})
                 if metrics["balanced_accuracy"] > best["score"]:
                     best = {"score": metrics["balanced_accuracy"], "epoch": epoch + 1, "bad_epochs": 0}
-                    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                    best_state = {k: v.detach().cpu().clone() for k, v in trained_state(model).items()}
                 else:
                     best["bad_epochs"] += 1
             history.append(record)
             progress.update(task, description=f"epoch {epoch + 1}/{t.epochs}", loss=_describe(record))
             save_checkpoint(ckpt_path, {
-                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1, "model": trained_state(model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "best": best, "best_model": best_state, "history": history,
                 "rng": {"torch": torch.get_rng_state(), "sampler": sample_gen.get_state(), "augment": augment_gen.get_state(),
                         "cuda": torch.cuda.get_rng_state_all() if on_cuda else []},
             })
             if t.keep_epoch_checkpoints:
-                _save_weights(run_dir / "checkpoints" / f"epoch_{epoch + 1:03d}.safetensors", model.state_dict())
+                _save_weights(run_dir / "checkpoints" / f"epoch_{epoch + 1:03d}.safetensors", trained_state(model))
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < t.epochs:
                 raise Interrupted(f"stopped after epoch {epoch + 1} as asked")
 
     if best_state is not None:
-        model.load_state_dict(best_state)
+        load_trained_state(model, best_state)
     write_csv(run_dir / "history.csv", pd.DataFrame(history))
     return _finish(cfg, manifest, store, run_dir, model, history, train_idx, val_idx, device, time.perf_counter() - started)
 

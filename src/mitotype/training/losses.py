@@ -11,6 +11,7 @@ from torch import nn
 
 from mitotype.config import HeadConfig, LossConfig
 from mitotype.errors import MitotypeError
+from mitotype.models.registry import class_logits
 
 MISSING = -1  # target value of a row without a label for this head (e.g. an expert who did not vote)
 
@@ -30,14 +31,24 @@ def head_targets(manifest: pd.DataFrame, heads: dict[str, HeadConfig]) -> dict[s
         numeric = pd.to_numeric(column.astype(float) if column.dtype == bool else column, errors="coerce").to_numpy(np.float64)
         unparsable = column.notna().to_numpy() & np.isnan(numeric)
         values = np.where(np.isnan(numeric), MISSING, numeric)
-        bad = unparsable | (values != np.round(values)) | (values < MISSING) | (values >= head.num_classes)
+        n_classes = max(head.num_classes, 2)  # a 1-logit head is binary: targets 0 / 1
+        bad = unparsable | (values != np.round(values)) | (values < MISSING) | (values >= n_classes)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             value = column.iloc[i].item() if hasattr(column.iloc[i], "item") else column.iloc[i]
             raise MitotypeError(f"column '{col}' (head '{head.name}'): value {value!r} of {manifest['path'].iloc[i]} "
-                                f"is not a class index 0..{head.num_classes - 1} or missing")
+                                f"is not a class index 0..{n_classes - 1} or missing")
         out[col] = torch.from_numpy(values.astype(np.int64))
     return out
+
+
+def require_targets(targets: dict[str, torch.Tensor], heads: dict[str, HeadConfig], rows: np.ndarray) -> None:
+    """Every head that carries loss weight has a target on some training row; otherwise it could
+    never learn (e.g. per-expert heads on data without votes), and saying so beats a silent head."""
+    for head in heads.values():
+        if head.weight > 0 and not bool((targets[head.target][rows] != MISSING).any()):
+            raise MitotypeError(f"model.heads: head '{head.name}' has no target in column '{head.target}' on any training row; "
+                                "give the data that column or set the head's weight to 0")
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float, gamma: float, positive: list[int] | None = None) -> torch.Tensor:
@@ -50,6 +61,27 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float, gamma: 
     return (-weight * (1.0 - log_p.exp()).pow(gamma) * log_p).mean()
 
 
+def bce_loss(logits: torch.Tensor, target: torch.Tensor, positive: list[int], *, weight: torch.Tensor | None = None,
+             label_smoothing: float = 0.0) -> torch.Tensor:
+    """Binary cross-entropy with logits on a head's positive-class log-odds: a 1-logit head's own logit
+    (torch's BCEWithLogitsLoss on one output, as the AMi-Br benchmark trains), or for a K-class head
+    log P(positive) - log P(rest), which for two classes is cross-entropy itself. ``weight`` (per class
+    index) gives a weighted mean, as cross-entropy's class weights do; smoothing pulls targets to 1/2."""
+    if logits.shape[1] == 1 and list(positive) == [1]:
+        log_odds = logits[:, 0].float()
+    else:
+        z = class_logits(logits.float())
+        rest = [c for c in range(z.shape[1]) if c not in positive]
+        log_odds = z[:, positive].logsumexp(dim=1) - z[:, rest].logsumexp(dim=1)
+    y = torch.isin(target, torch.tensor(positive, device=target.device)).float()
+    y = y * (1.0 - label_smoothing) + label_smoothing / 2
+    per_row = F.binary_cross_entropy_with_logits(log_odds, y, reduction="none")
+    if weight is None:
+        return per_row.mean()
+    w = weight[target]
+    return (w * per_row).sum() / w.sum()
+
+
 def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Inverse class frequency over the labelled rows, scaled so that a balanced set gets 1.0 each."""
     counts = torch.bincount(targets[targets != MISSING], minlength=num_classes).float()
@@ -57,7 +89,10 @@ def class_weights(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 class HeadLoss(nn.Module):
-    """Sum over heads of ``weight`` x (CE or focal loss) on the rows that have a target for the head.
+    """Sum over heads of ``weight`` x (CE, focal or BCE loss) on the rows that have a target for the head.
+
+    A 1-logit head z is scored as the two-class head [0, z] (z = log P(1) - log P(0)), so CE and focal
+    take it too; on it CE and BCE are the same number.
 
     ``train_targets`` (the training rows' targets per manifest column) set the class weights of
     cross-entropy when ``loss.class_weights`` is on.
@@ -69,21 +104,25 @@ class HeadLoss(nn.Module):
         for name, head in heads.items():
             weight = torch.ones(0)
             if cfg.class_weights and train_targets is not None:
-                weight = class_weights(train_targets[head.target], head.num_classes)
+                weight = class_weights(train_targets[head.target], max(head.num_classes, 2))
             self.register_buffer(f"class_weight_{name}", weight, persistent=False)
 
     def forward(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
-        total = torch.zeros((), device=next(iter(outputs.values())).device)
+        # zero, but attached to the graph: a batch where no head has a target still backpropagates (nothing)
+        total = sum(o.sum() * 0.0 for o in outputs.values())
         for name, head in self.heads.items():
             target = targets[head.target]
             known = target != MISSING
             if head.weight == 0 or not bool(known.any()):
                 continue
             logits, target = outputs[name][known].float(), target[known]
-            if self.cfg.name == "focal":
-                loss = focal_loss(logits, target, self.cfg.focal_alpha, self.cfg.focal_gamma, head.positive)
+            weight = getattr(self, f"class_weight_{name}")
+            if self.cfg.name == "bce":
+                loss = bce_loss(logits, target, head.positive, weight=weight if weight.numel() else None,
+                                label_smoothing=self.cfg.label_smoothing)
+            elif self.cfg.name == "focal":
+                loss = focal_loss(class_logits(logits), target, self.cfg.focal_alpha, self.cfg.focal_gamma, head.positive)
             else:
-                weight = getattr(self, f"class_weight_{name}")
-                loss = F.cross_entropy(logits, target, weight=weight if weight.numel() else None, label_smoothing=self.cfg.label_smoothing)
+                loss = F.cross_entropy(class_logits(logits), target, weight=weight if weight.numel() else None, label_smoothing=self.cfg.label_smoothing)
             total = total + head.weight * loss
         return total

@@ -26,7 +26,10 @@ def build_batch(
     images_u8: torch.Tensor, device: torch.device, *, transform: Transform | None = None, channels_last: bool = False
 ) -> dict[str, torch.Tensor]:
     """uint8 patches -> the model's input dict; ``transform`` (augmentation, a TTA view) acts on the
-    float image before any derived view is made."""
+    float image before any derived view is made. A float (B, D) tensor is a batch of cached backbone
+    features (training/features.py, made only where nothing transforms the images): ``{"features": ...}``."""
+    if images_u8.is_floating_point() and images_u8.ndim == 2:
+        return {"features": images_u8.to(device, non_blocking=True)}
     x = to_input(images_u8, device)
     if transform is not None:
         x = transform(x)

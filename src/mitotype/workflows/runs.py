@@ -15,6 +15,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -134,7 +135,7 @@ def train(cfg: Config, data: Dataset, out: Path, resume: bool = False, val: Data
     elif (manifest["split"] == "val").any():
         train_idx, val_idx = np.flatnonzero(manifest["split"] == "train"), np.flatnonzero(manifest["split"] == "val")
     elif cfg.data.val_fraction > 0:
-        train_idx, val_idx = train_val_split(manifest, cfg.data.val_fraction, cfg.data.split_seed)
+        train_idx, val_idx = train_val_split(manifest, cfg.data.val_fraction, cfg.data.split_seed, cfg.data.stratify)
     else:
         train_idx, val_idx = np.arange(len(manifest)), None
     require_labels(manifest.iloc[train_idx], "training rows")
@@ -162,12 +163,14 @@ def _record_splits(path: Path, table: pd.DataFrame, resume: bool) -> None:
 @_clean_failed_start
 def cross_validate(
     cfg: Config, data: Dataset, folds: int, out: Path, resume: bool = False, split_file: Path | None = None, n_boot: int = 1000,
-    group_by: list[str] | None = None, **fit_kwargs
+    group_by: list[str] | None = None, on_fold: Callable[[int, dict], None] | None = None, **fit_kwargs
 ) -> dict:
     """K grouped folds: K models, out-of-fold predictions, per-fold and mean ± sd metrics.
 
     Folds are grouped by slide (``folds`` of them), read from ``split_file``, or, with ``group_by``
     (manifest columns such as domain and scanner), one per value: leave one domain out.
+    ``on_fold(fold, metrics)`` hears each finished (or reused) fold's held-out metrics and may raise
+    to stop the run there (``tune`` prunes a trial this way); finished folds stay for a resume.
     """
     _prepare_dir(out, resume)
     _write_skipped(out, data)
@@ -180,7 +183,7 @@ def cross_validate(
     elif split_file:
         fold_of = read_split_file(split_file, manifest)
     else:
-        fold_of = grouped_folds(manifest, folds, cfg.data.split_seed)
+        fold_of = grouped_folds(manifest, folds, cfg.data.split_seed, cfg.data.stratify)
     k = int(fold_of.max()) + 1
     record_config(out / "config.yaml", cfg, resume)
     _record_splits(out / "splits.csv", manifest.assign(fold=fold_of), resume)
@@ -199,9 +202,10 @@ def cross_validate(
             console.log(f"fold {fold + 1}/{k}: {len(train_idx)} train / {len(test_idx)} held-out patches")
             val_idx = None
             if cfg.data.val_fraction > 0:  # early stopping on an inner split, never on the held-out fold
-                inner_train, inner_val = train_val_split(manifest.iloc[train_idx].reset_index(drop=True), cfg.data.val_fraction, cfg.data.split_seed)
+                inner_train, inner_val = train_val_split(manifest.iloc[train_idx].reset_index(drop=True), cfg.data.val_fraction, cfg.data.split_seed,
+                                                          cfg.data.stratify)
                 train_idx, val_idx = train_idx[inner_train], train_idx[inner_val]
-            result = fit(cfg, manifest, store, fold_dir, train_idx, val_idx, resume=resume, **fit_kwargs)
+            result = fit(cfg, manifest, store, fold_dir, train_idx, val_idx, resume=resume, feature_dir=out / "features", **fit_kwargs)
             model, threshold = result.model, result.threshold
         p = predict_rows([model], store, test_idx, device, cfg.train.eval_batch_size, amp=cfg.train.amp)
         p_oof[test_idx] = p
@@ -211,6 +215,8 @@ def cross_validate(
         thresholds.append(threshold)
         fold_seconds.append(round(time.perf_counter() - tic, 1))
         console.log(f"fold {fold}: balanced accuracy {metrics['balanced_accuracy']:.3f} · AUROC {metrics['roc_auc'] or float('nan'):.3f}")
+        if on_fold is not None:
+            on_fold(fold, metrics)
 
     oof = manifest.assign(fold=fold_of, p_atypical=p_oof)[fold_of >= 0]  # fold -1: never held out
     write_csv(out / "oof_predictions.csv", oof)
