@@ -279,3 +279,52 @@ def test_train_with_a_separate_validation_set_and_split_folders(tmp_path: Path, 
     assert any("test split set aside" in str(w.message) for w in caught)
     manifest = pd.read_csv(tmp_path / "run2" / "manifest.csv", keep_default_na=False)
     assert set(manifest["split"]) == {"train", "val"} and summary["validation"]["n"] == 10
+
+
+def test_ema_validates_and_saves_the_moving_average_not_the_raw_weights(amibr: Path, tiny: list[str], tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a decay of almost 1 the average barely leaves the initial weights, while training moves the raw ones."""
+    import mitotype.training.loop as loop
+    from mitotype.models.registry import create_model
+
+    averages, updates, scored = [], [], []
+
+    class Counted(loop.ModelEmaV3):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            averages.append(self)
+
+        def update(self, model, step=None):
+            updates.append(step)
+            super().update(model, step)
+
+    real_predict = loop.predict_rows
+    monkeypatch.setattr(loop, "ModelEmaV3", Counted)
+    monkeypatch.setattr(loop, "predict_rows", lambda models, *a, **k: scored.append(models[0]) or real_predict(models, *a, **k))
+    cfg, ds = _data(amibr, tiny, "train.epochs=2", "train.ema_decay=0.999999", "train.lr=0.01")
+    rows = np.arange(len(ds.manifest))
+    result = fit(cfg, ds.manifest, ds.store, tmp_path / "run", rows, show_progress=False)
+    assert len(updates) == 2 * math.ceil(len(rows) / cfg.train.batch_size)  # once after every optimiser step
+    loop.seed_everything(cfg.train.seed)
+    init = create_model(cfg.model).state_dict()
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    saved, raw = result.model.state_dict(), checkpoint["model"]
+    for name in ("heads.label.weight", "backbone.conv_stem.weight"):
+        assert torch.allclose(saved[name], init[name], atol=1e-4), name
+        assert not torch.allclose(raw[name], init[name], atol=1e-3), name
+    for name, value in checkpoint["ema"].items():
+        assert torch.equal(value.cpu(), saved[name].cpu()), name
+
+    # an interrupted run resumes the average too, and ends as the uninterrupted one
+    cfg, _ = _data(amibr, tiny, "train.epochs=3", "train.ema_decay=0.6")
+    whole = fit(cfg, ds.manifest, ds.store, tmp_path / "whole", rows, show_progress=False)
+    with pytest.raises(Interrupted):
+        fit(cfg, ds.manifest, ds.store, tmp_path / "cut", rows, stop_after_epoch=1, show_progress=False)
+    resumed = fit(cfg, ds.manifest, ds.store, tmp_path / "cut", rows, resume=True, show_progress=False)
+    for (name, x), (_, y) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(x, y), name
+
+    # with validation rows, every epoch scores the average
+    averages.clear(), scored.clear()
+    fit(cfg, ds.manifest, ds.store, tmp_path / "val", rows[rows % 4 != 0], rows[rows % 4 == 0], show_progress=False)
+    assert len(scored) == 3 + 1 and all(m is averages[0].module for m in scored[:3])  # 3 epochs, then the saved model

@@ -124,6 +124,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.01  # cosine decays to lr * this
     sampler: str = "balanced"  # balanced (classes drawn equally often) | shuffle
     grad_clip: float = 1.0  # max gradient norm (0 = off)
+    ema_decay: float = 0.0  # exponential moving average of the weights (e.g. 0.999; 0 = off): validated and saved instead of the raw weights
     patience: int = 0  # early stopping on validation balanced accuracy (0 = off)
     threshold: float | str = 0.5  # decision threshold, or "auto": best on validation / out-of-fold
     amp: bool = True  # mixed precision (CUDA only)
@@ -318,7 +319,7 @@ def validate_config(cfg: Config) -> None:
         "train.epochs": (1, None), "train.batch_size": (1, None), "train.eval_batch_size": (1, None),
         "train.lr": (1e-12, None), "train.weight_decay": (0, None), "train.warmup_epochs": (0, None),
         "train.min_lr_ratio": (0, 1), "train.patience": (0, None), "train.grad_clip": (0, None),
-        "train.backbone_lr_scale": (0, None), "loss.label_smoothing": (0, 0.999), "loss.focal_alpha": (0, 1),
+        "train.backbone_lr_scale": (0, None), "train.ema_decay": (0, 0.999999), "loss.label_smoothing": (0, 0.999), "loss.focal_alpha": (0, 1),
         "loss.focal_gamma": (0, None), "model.input_size": (8, None), "data.patch_size": (8, None),
         "model.drop_rate": (0, 0.999), "model.drop_path_rate": (0, 0.999), "model.freeze_groups": (0, None),
     }
@@ -368,7 +369,7 @@ def record_config(path: Path, cfg: Config, resume: bool) -> None:
         old, new = yaml.safe_load(path.read_text()), yaml.safe_load(dump_config(cfg))
         for values in (old, new):
             values.get("train", {}).pop("device", None)
-        changed = _first_difference(old, new)
+        changed = first_difference(old, new)
         if changed:
             raise MitotypeError(f"{path}: {{resume}} with a changed config ({changed}); resume with the original settings or start a new run",
                                 options=("resume",))
@@ -376,10 +377,10 @@ def record_config(path: Path, cfg: Config, resume: bool) -> None:
     write_text(path, dump_config(cfg))
 
 
-def _first_difference(old: Any, new: Any, where: str = "") -> str:
+def first_difference(old: Any, new: Any, where: str = "") -> str:
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new)):
-            found = _first_difference(old.get(key), new.get(key), f"{where}.{key}".lstrip("."))
+            found = first_difference(old.get(key), new.get(key), f"{where}.{key}".lstrip("."))
             if found:
                 return found
         return ""

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from PIL import Image, UnidentifiedImageError
 
 from mitotype._io import atomic_path, write_json
 from mitotype.errors import MitotypeError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MAX_AREA_FACTOR = 64  # images over 64x the patch area (8x its side) are refused before decoding
 _SKIP_HINT = " (use {skip_bad} to skip unusable images)"

@@ -2,7 +2,8 @@
 
 Read top to bottom: build model, optimiser and schedule; maybe resume; then per epoch draw the
 order, gather uint8 batches from the decoded cache, augment on the device, forward, loss, backward,
-clip, step, schedule; validate; checkpoint. The best (or last) weights become the model artifact.
+clip, step, schedule, average the weights (``train.ema_decay``); validate; checkpoint. The best
+validated (else the averaged, else the last) weights become the model artifact.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from timm.utils import ModelEmaV3
 
 from mitotype._io import atomic_path, write_csv
 from mitotype.config import Config, record_config
@@ -135,6 +137,8 @@ def fit(
     criterion = HeadLoss(cfg.loss, model.head_specs, {col: v[train_idx] for col, v in targets_all.items()}).to(device)
     sample_gen = torch.Generator().manual_seed(t.seed + 1)
     augment_gen = torch.Generator().manual_seed(t.seed + 2)
+    ema = ModelEmaV3(model, decay=t.ema_decay) if t.ema_decay > 0 else None
+    scored = ema.module if ema is not None else model  # what validation scores and what is saved
 
     start_epoch, history, best_state = 0, [], None
     best = {"score": -1.0, "epoch": -1, "bad_epochs": 0}
@@ -152,6 +156,8 @@ def fit(
         start_epoch, history, best = state["epoch"], state["history"], state["best"]
         console.log(f"resumed {run_dir} at epoch {start_epoch}/{t.epochs}")
         best_state = state.get("best_model")
+        if ema is not None:
+            load_trained_state(ema.module, state["ema"])
 
     started = time.perf_counter()
     progress = progress_bar("patches", show_progress, extra="loss")
@@ -176,6 +182,8 @@ def fit(
                     torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
                 optimizer.step()
                 scheduler.step()
+                if ema is not None:
+                    ema.update(model)
                 loss_sum += loss.detach()
                 if step % 10 == 0 or step == steps_per_epoch - 1:
                     progress.update(task, completed=min(len(order), (step + 1) * t.batch_size), loss=f"loss {loss_sum.item() / (step + 1):.4f}")
@@ -183,12 +191,12 @@ def fit(
                 raise MitotypeError(f"{run_dir}: training diverged in epoch {epoch + 1} (loss {loss_sum.item()}); lower train.lr")
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch, "lr": optimizer.param_groups[1]["lr"], "train_seconds": time.perf_counter() - tic}
             if val_idx is not None and len(val_idx):
-                p = predict_rows([model], store, val_idx, device, t.eval_batch_size, amp=t.amp)
+                p = predict_rows([scored], store, val_idx, device, t.eval_batch_size, amp=t.amp)
                 metrics = binary_metrics(labels[val_idx], p, 0.5 if t.threshold == "auto" else float(t.threshold))
                 record.update({f"val_{k}": metrics[k] for k in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")})
                 if metrics["balanced_accuracy"] > best["score"]:
                     best = {"score": metrics["balanced_accuracy"], "epoch": epoch + 1, "bad_epochs": 0}
-                    best_state = {k: v.detach().cpu().clone() for k, v in trained_state(model).items()}
+                    best_state = {k: v.detach().cpu().clone() for k, v in trained_state(scored).items()}
                 else:
                     best["bad_epochs"] += 1
             history.append(record)
@@ -196,16 +204,17 @@ def fit(
             save_checkpoint(ckpt_path, {
                 "epoch": epoch + 1, "model": trained_state(model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "best": best, "best_model": best_state, "history": history,
+                "ema": trained_state(ema.module) if ema is not None else None,
                 "rng": {"torch": torch.get_rng_state(), "sampler": sample_gen.get_state(), "augment": augment_gen.get_state(),
                         "cuda": torch.cuda.get_rng_state_all() if on_cuda else []},
             })
             if t.keep_epoch_checkpoints:
-                _save_weights(run_dir / "checkpoints" / f"epoch_{epoch + 1:03d}.safetensors", trained_state(model))
+                _save_weights(run_dir / "checkpoints" / f"epoch_{epoch + 1:03d}.safetensors", trained_state(scored))
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < t.epochs:
                 raise Interrupted(f"stopped after epoch {epoch + 1} as asked")
 
-    if best_state is not None:
-        load_trained_state(model, best_state)
+    if best_state is not None or ema is not None:  # the best validated weights, else the average
+        load_trained_state(model, best_state if best_state is not None else trained_state(ema.module))
     write_csv(run_dir / "history.csv", pd.DataFrame(history))
     return _finish(cfg, manifest, store, run_dir, model, history, train_idx, val_idx, device, time.perf_counter() - started)
 

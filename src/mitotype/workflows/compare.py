@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 
 from mitotype._io import write_csv, write_text
-from mitotype.config import Config, dump_config, load_config
+from mitotype.config import Config, dump_config, first_difference, load_config
 from mitotype.errors import MitotypeError
 from mitotype.evaluation.plots import plot_metric_bars
 from mitotype.inference.engine import predict_batch, resolve_device
@@ -59,12 +59,6 @@ def parse_recipes(text: str) -> list[str]:
     return recipes
 
 
-def _difference(old: Any, new: Any, where: str = "") -> str:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return next((d for k in sorted(set(old) | set(new)) if (d := _difference(old.get(k), new.get(k), f"{where}.{k}".lstrip(".")))), "")
-    return "" if old == new else f"{where}: {old!r} -> {new!r}"
-
-
 def run_state(run_dir: Path, cfg: Config, folds: int, data: Dataset) -> tuple[str, str]:
     """("new" | "reuse" | "resume" | "replace", why) for a recipe's run folder."""
     if not run_dir.is_dir() or not any(run_dir.iterdir()):
@@ -74,7 +68,7 @@ def run_state(run_dir: Path, cfg: Config, folds: int, data: Dataset) -> tuple[st
     old, new = (yaml.safe_load(text) or {} for text in ((run_dir / "config.yaml").read_text(), dump_config(cfg)))
     for values in (old, new):
         values.get("train", {}).pop("device", None)  # where it ran does not change what it learned
-    if changed := _difference(old, new):
+    if changed := first_difference(old, new):
         return "replace", f"config changed ({changed})"
     splits = run_dir / "splits.csv"
     if splits.is_file():
