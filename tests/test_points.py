@@ -353,3 +353,40 @@ def test_crops_stream_a_few_batches_ahead(tmp_path: Path, monkeypatch: pytest.Mo
     first_index, first = next(batches)
     assert first_index.tolist() == [0, 1, 2, 3] and len(made) <= 3 * 4  # this batch and two ahead, never all 64
     assert sum(len(b) for _, b in batches) == 60 and len(made) == 64
+
+
+def write_svs(path: Path, level0: np.ndarray, mpp: float, compression: str | None = None) -> np.ndarray:
+    """An Aperio-style SVS as scanners write it: level 0 tiled with the Aperio ImageDescription that
+    carries ``MPP``, a stripped thumbnail page, then the 2x-reduced level as its own page (not a SubIFD)."""
+    a = level0.astype(np.float64)
+    level1 = a.reshape(a.shape[0] // 2, 2, a.shape[1] // 2, 2, 3).mean((1, 3)).round().astype(np.uint8)
+    h, w = level0.shape[:2]
+    head = f"Aperio Image Library v12.0.15\r\n{w}x{h} [0,0 {w}x{h}] (64x64) RGB"
+    with tifffile.TiffWriter(path, bigtiff=False) as tw:
+        tw.write(level0, tile=(64, 64), photometric="rgb", compression=compression, metadata=None,
+                 description=f"{head}|AppMag = 40|MPP = {mpp}|ScanScope ID = SS1234")
+        tw.write(level0[::8, ::8], photometric="rgb", metadata=None, description=f"{head} -> {w // 8}x{h // 8} - |AppMag = 40")  # the stripped thumbnail
+        tw.write(level1, tile=(64, 64), photometric="rgb", compression=compression, metadata=None,
+                 description=f"{head} -> {w // 2}x{h // 2} - |AppMag = 40|MPP = {mpp}")
+    return level1
+
+
+def test_an_aperio_svs_gives_its_mpp_and_levels_and_exact_crops(tmp_path: Path) -> None:
+    level0 = noise_image(256, 320, seed=5)
+    level1 = write_svs(tmp_path / "scan.svs", level0, mpp=0.2527)
+    slide = tiffslide.TiffSlide(str(tmp_path / "scan.svs"))
+    assert slide.properties["tiffslide.vendor"] == "aperio" and slide.properties["tiffslide.mpp-x"] == pytest.approx(0.2527)
+    slide.close()
+    source = TiffSlideSource(tmp_path / "scan.svs")
+    assert source.level_mpps == pytest.approx([0.2527, 0.5054])
+    x, y = 150, 90
+    assert np.array_equal(source.crop(x, y, P, 0.2527), level0[y - 16:y + 16, x - 16:x + 16])
+    assert np.array_equal(source.crop(x, y, P, 0.5054), level1[y // 2 - 16:y // 2 + 16, x // 2 - 16:x // 2 + 16])
+    source.close()
+    yy, xx = np.mgrid[:256, :320]
+    smooth = np.stack([xx * 0.7, yy * 0.9, 200 - xx * 0.3], axis=-1).astype(np.uint8)  # JPEG tiles, as scanners store them
+    write_svs(tmp_path / "jpeg.svs", smooth, mpp=0.2527, compression="jpeg")
+    jpeg = TiffSlideSource(tmp_path / "jpeg.svs")
+    crop = jpeg.crop(x, y, P, 0.2527).astype(int)
+    jpeg.close()
+    assert np.abs(crop - smooth[y - 16:y + 16, x - 16:x + 16]).max() <= 4  # lossy: close, not equal

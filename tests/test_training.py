@@ -328,3 +328,120 @@ def test_ema_validates_and_saves_the_moving_average_not_the_raw_weights(amibr: P
     averages.clear(), scored.clear()
     fit(cfg, ds.manifest, ds.store, tmp_path / "val", rows[rows % 4 != 0], rows[rows % 4 == 0], show_progress=False)
     assert len(scored) == 3 + 1 and all(m is averages[0].module for m in scored[:3])  # 3 epochs, then the saved model
+
+
+def test_the_backbone_learns_at_its_scaled_rate_and_the_heads_at_the_full_rate(tiny: list[str]) -> None:
+    from mitotype.models.registry import create_model
+    from mitotype.training.loop import build_optimizer
+
+    for optimizer in ("adamw", "adam"):
+        cfg = load_config(None, tiny + ["train.lr=0.004", "train.backbone_lr_scale=0.25", f"train.optimizer={optimizer}"])
+        model = create_model(cfg.model)
+        backbone, heads = build_optimizer(model, cfg).param_groups
+        assert (backbone["lr"], heads["lr"]) == (0.001, 0.004)
+        assert {id(p) for p in backbone["params"]} == {id(p) for p in model.backbone.parameters()}
+        assert {id(p) for p in heads["params"]} == {id(p) for n, p in model.named_parameters() if not n.startswith("backbone.")}
+
+
+def test_the_card_says_what_the_model_was_trained_on(amibr: Path, tiny: list[str], tmp_path: Path) -> None:
+    cfg, ds = _data(amibr, tiny, "train.epochs=2")
+    rows = np.arange(len(ds.manifest))
+    train_idx, val_idx = rows[rows % 5 != 0], rows[rows % 5 == 0]
+    result = fit(cfg, ds.manifest, ds.store, tmp_path / "run", train_idx, val_idx, show_progress=False)
+    provenance = json.loads((tmp_path / "run" / "model.json").read_text())["provenance"]
+    trained = ds.manifest.iloc[train_idx]
+    assert provenance["trained_on"] == {
+        "source": str(amibr), "n": len(train_idx), "n_atypical": int((trained["label"] == 1).sum()),
+        "groups": trained["group"].nunique(), "domains": ["DOM_A", "DOM_B"], "epochs": 2,
+    }
+    assert provenance["metrics"]["validation"]["balanced_accuracy"] == result.val_metrics["balanced_accuracy"]
+    assert provenance["metrics"]["validation"]["n"] == len(val_idx)
+
+
+def test_schedule_and_augmentation_come_from_the_config(amibr: Path, tiny: list[str], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import mitotype.training.loop as loop
+
+    seen = {}
+    real_schedule, real_augment = loop.warmup_cosine, loop.BatchAugment
+    monkeypatch.setattr(loop, "warmup_cosine", lambda opt, warmup, total, floor: seen.update(schedule=(warmup, total, floor))
+                        or real_schedule(opt, warmup, total, floor))
+    monkeypatch.setattr(loop, "BatchAugment", lambda config: seen.update(augment=config) or real_augment(config))
+    cfg, ds = _data(amibr, tiny, "train.epochs=3", "train.warmup_epochs=1.5", "train.min_lr_ratio=0.05", "train.batch_size=8",
+                    "augment.hue=0.07")
+    rows = np.arange(len(ds.manifest))
+    fit(cfg, ds.manifest, ds.store, tmp_path / "run", rows, show_progress=False)
+    steps = math.ceil(len(rows) / 8)
+    assert seen["schedule"] == (round(1.5 * steps), 3 * steps, 0.05)
+    assert seen["augment"] is cfg.augment and seen["augment"].hue == 0.07
+
+
+def test_settings_that_need_validation_rows_warn_when_there_are_none(amibr: Path, tiny: list[str], tmp_path: Path) -> None:
+    cfg, ds = _data(amibr, tiny, "train.epochs=1", "train.threshold=auto")
+    rows = np.arange(len(ds.manifest))
+    with pytest.warns(UserWarning) as caught:
+        fit(cfg, ds.manifest, ds.store, tmp_path / "a", rows, show_progress=False)
+    messages = [str(w.message) for w in caught if "needs validation rows" in str(w.message)]
+    assert messages == ["train.threshold=auto needs validation rows (data.val_fraction, a validation dataset or a val/ split); ignored"]
+    cfg, _ = _data(amibr, tiny, "train.epochs=1", "train.patience=2")
+    with pytest.warns(UserWarning) as caught:
+        fit(cfg, ds.manifest, ds.store, tmp_path / "b", rows, show_progress=False)
+    assert [str(w.message) for w in caught if "needs validation rows" in str(w.message)] == [
+        "train.patience=2 needs validation rows (data.val_fraction, a validation dataset or a val/ split); ignored"]
+
+
+def test_deterministic_mode_is_switched_on_when_asked(amibr: Path, tiny: list[str], tmp_path: Path) -> None:
+    cfg, ds = _data(amibr, tiny, "train.epochs=1", "train.deterministic_algorithms=true")
+    try:
+        fit(cfg, ds.manifest, ds.store, tmp_path / "run", np.arange(len(ds.manifest)), show_progress=False)
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_each_epoch_feeds_every_drawn_row_once_augmented_in_float32_and_logs_the_mean_loss(
+        amibr: Path, tiny: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mitotype.training.loop as loop
+
+    cfg, ds = _data(amibr, tiny, "train.epochs=2", "train.batch_size=12", "train.amp=true")
+    rows = np.arange(len(ds.manifest))
+    train_idx = rows[rows % 4 != 0]
+    fed, augmented, losses, dtypes = [], [], [], []
+    real_batch, real_order = ds.store.batch, loop.epoch_order
+    monkeypatch.setattr(ds.store, "batch", lambda r: fed.append(np.asarray(r).copy()) or real_batch(r))
+    orders = []
+    monkeypatch.setattr(loop, "epoch_order", lambda *a: orders.append(real_order(*a)) or orders[-1])
+
+    class Augment(loop.BatchAugment):
+        def forward(self, x, generator=None):
+            augmented.append(len(x))
+            return super().forward(x, generator)
+
+    class Loss(loop.HeadLoss):
+        def forward(self, outputs, targets):
+            dtypes.append(outputs["label"].dtype)
+            loss = super().forward(outputs, targets)
+            losses.append(loss.detach())
+            return loss
+
+    monkeypatch.setattr(loop, "BatchAugment", Augment)
+    monkeypatch.setattr(loop, "HeadLoss", Loss)
+    result = fit(cfg, ds.manifest, ds.store, tmp_path / "nested" / "run", train_idx, show_progress=False)
+    steps = math.ceil(len(train_idx) / 12)
+    sizes = [12] * (steps - 1) + [len(train_idx) - 12 * (steps - 1)]
+    for epoch in range(2):
+        batches = fed[epoch * steps : (epoch + 1) * steps]
+        assert [len(b) for b in batches] == sizes
+        assert np.array_equal(np.concatenate(batches), train_idx[orders[epoch]])  # the drawn order, each row once
+        assert result.history[epoch]["train_loss"] == pytest.approx(float(torch.stack(losses[epoch * steps : (epoch + 1) * steps]).mean()))
+    assert augmented == sizes * 2 and set(dtypes) == {torch.float32}  # autocast is for CUDA only
+
+
+def test_resuming_with_a_changed_config_is_refused(amibr: Path, tiny: list[str], tmp_path: Path) -> None:
+    cfg, ds = _data(amibr, tiny, "train.epochs=2")
+    rows = np.arange(len(ds.manifest))
+    with pytest.raises(Interrupted):
+        fit(cfg, ds.manifest, ds.store, tmp_path / "run", rows, stop_after_epoch=1, show_progress=False)
+    changed, _ = _data(amibr, tiny, "train.epochs=2", "train.lr=0.01")
+    with pytest.raises(MitotypeError, match=r"changed config \(train\.lr: 0\.001 -> 0\.01\)"):
+        fit(changed, ds.manifest, ds.store, tmp_path / "run", rows, resume=True, show_progress=False)
