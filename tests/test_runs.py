@@ -168,3 +168,34 @@ def test_train_holds_out_validation_and_test_rows(tiny: list[str], tmp_path: Pat
     want_train, want_val = train_val_split(ds.manifest, 0.25, seed=7)
     assert np.array_equal(call["train"], want_train) and np.array_equal(call["val"], want_val)
     assert not set(ds.manifest["group"].iloc[call["train"]]) & set(ds.manifest["group"].iloc[call["val"]])
+
+
+def test_load_dataset_honours_the_data_section_and_names_the_dataset(tmp_path: Path) -> None:
+    from conftest import TINY
+    from mitotype.errors import MitotypeError
+
+    data = write_class_folders(tmp_path / "d", n_atypical=4, n_normal=6, n_slides=3)
+    cfg = load_config(None, [*TINY, "data.patch_size=24", "data.size_policy=resize", f"data.cache_dir={tmp_path / 'cache'}"])
+    ds = load_dataset(data, cfg)
+    assert ds.store.batch(np.arange(2)).shape == (2, 24, 24, 3)  # 32 px patches resized, as data.size_policy says
+    assert any((tmp_path / "cache").iterdir())  # decoded into data.cache_dir
+    sub = ds.subset(np.array([3, 1]))
+    assert list(sub.manifest.columns) == list(ds.manifest.columns) and list(sub.manifest.index) == [0, 1]
+    assert sub.manifest["path"].tolist() == ds.manifest["path"].iloc[[3, 1]].tolist()
+    only_normal = tmp_path / "normal"
+    write_class_folders(only_normal, n_atypical=0, n_normal=4, n_slides=2)
+    with pytest.raises(MitotypeError, match=f"^{only_normal}: only one class present"):
+        load_dataset(only_normal, cfg)
+
+
+def test_an_interrupted_train_keeps_its_directory_and_a_nested_out_is_created(tmp_path: Path) -> None:
+    from conftest import TINY
+
+    data = write_class_folders(tmp_path / "d", n_atypical=6, n_normal=10, n_slides=4)
+    cfg = load_config(None, [*TINY, "train.epochs=2"])
+    out = tmp_path / "a" / "b" / "run"
+    with pytest.raises(Interrupted):
+        train(cfg, load_dataset(data, cfg), out, stop_after_epoch=1, show_progress=False)
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / "config.yaml").is_file()  # kept for --resume
+    train(cfg, load_dataset(data, cfg), out, resume=True, show_progress=False)
+    assert (out / "model.json").is_file()

@@ -337,7 +337,9 @@ def test_the_backbone_learns_at_its_scaled_rate_and_the_heads_at_the_full_rate(t
     for optimizer in ("adamw", "adam"):
         cfg = load_config(None, tiny + ["train.lr=0.004", "train.backbone_lr_scale=0.25", f"train.optimizer={optimizer}"])
         model = create_model(cfg.model)
-        backbone, heads = build_optimizer(model, cfg).param_groups
+        built = build_optimizer(model, cfg)
+        assert type(built) is {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[optimizer]
+        backbone, heads = built.param_groups
         assert (backbone["lr"], heads["lr"]) == (0.001, 0.004)
         assert {id(p) for p in backbone["params"]} == {id(p) for p in model.backbone.parameters()}
         assert {id(p) for p in heads["params"]} == {id(p) for n, p in model.named_parameters() if not n.startswith("backbone.")}
@@ -383,11 +385,12 @@ def test_settings_that_need_validation_rows_warn_when_there_are_none(amibr: Path
         fit(cfg, ds.manifest, ds.store, tmp_path / "a", rows, show_progress=False)
     messages = [str(w.message) for w in caught if "needs validation rows" in str(w.message)]
     assert messages == ["train.threshold=auto needs validation rows (data.val_fraction, a validation dataset or a val/ split); ignored"]
-    cfg, _ = _data(amibr, tiny, "train.epochs=1", "train.patience=2")
+    cfg, _ = _data(amibr, tiny, "train.epochs=1", "train.patience=1")
     with pytest.warns(UserWarning) as caught:
         fit(cfg, ds.manifest, ds.store, tmp_path / "b", rows, show_progress=False)
     assert [str(w.message) for w in caught if "needs validation rows" in str(w.message)] == [
-        "train.patience=2 needs validation rows (data.val_fraction, a validation dataset or a val/ split); ignored"]
+        "train.patience=1 needs validation rows (data.val_fraction, a validation dataset or a val/ split); ignored"]
+    assert "validation" not in json.loads((tmp_path / "b" / "model.json").read_text())["provenance"]["metrics"]
 
 
 def test_deterministic_mode_is_switched_on_when_asked(amibr: Path, tiny: list[str], tmp_path: Path) -> None:
@@ -445,3 +448,44 @@ def test_resuming_with_a_changed_config_is_refused(amibr: Path, tiny: list[str],
     changed, _ = _data(amibr, tiny, "train.epochs=2", "train.lr=0.01")
     with pytest.raises(MitotypeError, match=r"changed config \(train\.lr: 0\.001 -> 0\.01\)"):
         fit(changed, ds.manifest, ds.store, tmp_path / "run", rows, resume=True, show_progress=False)
+
+
+def test_history_lr_validation_threshold_seconds_and_divergence(amibr: Path, tiny: list[str], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    import mitotype.training.loop as loop
+    from mitotype.evaluation.metrics import binary_metrics
+
+    cfg, ds = _data(amibr, tiny, "train.epochs=2", "train.threshold=0.3", "train.min_lr_ratio=0.1", "train.lr=0.002")
+    rows = np.arange(len(ds.manifest))
+    val_idx = rows[rows % 4 == 0]
+    scores, real_predict = [], loop.predict_rows
+    monkeypatch.setattr(loop, "predict_rows", lambda *a, **k: scores.append(real_predict(*a, **k)) or scores[-1])
+    tic = time.perf_counter()
+    result = fit(cfg, ds.manifest, ds.store, tmp_path / "run", rows[rows % 4 != 0], val_idx, show_progress=False)
+    assert 0 < result.seconds <= time.perf_counter() - tic
+    assert result.history[-1]["lr"] == pytest.approx(0.002 * 0.1)  # the cosine ends at lr * min_lr_ratio
+    y = ds.manifest["label"].to_numpy()[val_idx]
+    for record, p in zip(result.history, scores):  # validation scores at the configured threshold, not 0.5
+        assert record["val_balanced_accuracy"] == binary_metrics(y, p, 0.3)["balanced_accuracy"]
+        assert record["val_sensitivity"] == binary_metrics(y, p, 0.3)["sensitivity"]
+
+    class Diverging(loop.HeadLoss):
+        def forward(self, outputs, targets):
+            return super().forward(outputs, targets) * float("nan")
+
+    monkeypatch.setattr(loop, "HeadLoss", Diverging)
+    with pytest.raises(MitotypeError, match=r"run2: training diverged in epoch 1 \(loss nan\); lower train\.lr"):
+        fit(cfg, ds.manifest, ds.store, tmp_path / "run2", rows, show_progress=False)
+    assert not (tmp_path / "run2" / "checkpoints" / "last.pt").exists() and not (tmp_path / "run2" / "model.json").exists()
+
+
+def test_threshold_auto_is_the_best_threshold_on_the_validation_rows(amibr: Path, tiny: list[str], tmp_path: Path) -> None:
+    from mitotype.evaluation.metrics import best_threshold
+
+    cfg, ds = _data(amibr, tiny, "train.epochs=1", "train.threshold=auto")
+    rows = np.arange(len(ds.manifest))
+    result = fit(cfg, ds.manifest, ds.store, tmp_path / "run", rows[rows % 3 != 0], rows[rows % 3 == 0], show_progress=False)
+    val = result.val_predictions
+    assert result.threshold == best_threshold(val["label"].to_numpy(), val["p_atypical"].to_numpy()) != 0.5

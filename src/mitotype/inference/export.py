@@ -225,9 +225,14 @@ def quantize_int8(fp32: Path, int8: Path, calibration: Sequence[np.ndarray]) -> 
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    patches = np.concatenate(list(calibration)) if len(calibration) else np.zeros((0,), np.uint8)
+    size = max(len(b) for b in calibration) if len(calibration) else 0
+    wrap = np.resize(np.arange(len(patches)), -(-len(patches) // max(size, 1)) * size)  # equal batches: the percentile
+    batches = [patches[wrap[i : i + size]] for i in range(0, len(wrap), max(size, 1))]  # histograms need one shape
+
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.items = iter(calibration)
+            self.items = iter(batches)
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self.items, None)
