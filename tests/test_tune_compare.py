@@ -302,3 +302,22 @@ def test_best_yaml_is_the_highest_scoring_complete_trial(tmp_path: Path) -> None
     assert (tmp_path / "best.yaml").read_text().startswith("# mitotype tune: trial 1, the best of 4 finished trial(s) (1 pruned): "
                                                            "mean balanced accuracy 0.9000 ± 0.0100 over 3 grouped folds")
     assert pd.read_csv(tmp_path / "trials.csv")["state"].tolist() == ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE"]
+
+
+def test_an_out_that_is_a_file_is_refused_in_one_line_before_any_work(tmp_path: Path, monkeypatch, capsys) -> None:
+    from conftest import write_class_folders
+
+    from mitotype.errors import MitotypeError
+
+    data = write_class_folders(tmp_path / "d", n_atypical=4, n_normal=6, n_slides=3)
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    for command in (["tune", "--recipe", "lite0-quick", "--trials", "1"], ["compare", "--recipes", "lite0-quick"]):
+        code, _, err = run_cli(monkeypatch, capsys, *command, "--data", data, "--out", afile, *(f"--set={s}" for s in TINY))
+        assert code == 2 and err.strip() == f"error: --out {afile}: is a file; expected a folder", command
+    cfg = load_config(None, TINY)
+    with pytest.raises(MitotypeError, match="is a file"):  # the library checks it too, not only the CLI
+        tune_mod.tune("lite0-quick", runs.load_dataset(data, cfg), afile, trials=1, folds=2, overrides=TINY)
+    with pytest.raises(MitotypeError, match="is a file"):
+        compare_runs(["lite0-quick"], data, afile, folds=2, overrides=TINY)
+    assert afile.read_text() == "keep"

@@ -393,6 +393,7 @@ def tune(
     device: Optional[str] = DeviceOpt,
 ) -> None:
     """Optuna search, each trial a grouped CV pruned after each fold; resumable; the best config → OUT/best.yaml."""
+    from mitotype._io import check_output_dir
     from mitotype.workflows.runs import load_dataset
     from mitotype.workflows.tune import search_space, tune as tune_run
 
@@ -400,6 +401,7 @@ def tune(
     cfg = _config(recipe, extra)
     search_space(recipe, extra, list(params or []), default_space=default_space)  # bad --param fails before decoding
     out_dir = out_dir or Path("runs") / f"{cfg.recipe}-tune"
+    check_output_dir(out_dir, "out_dir")  # before decoding; tune checks it again
     ds = load_dataset(_existing(data, "--data"), cfg, skip_missing, skipped_note=f"skipped.csv in {out_dir}/trial_*")
     report = lambda t: err.print(f"trial {t['trial']}: {t['state'].lower()}" + (f", mean balanced accuracy {t['value']:.3f}"  # noqa: E731
                                                                                   if t["value"] is not None else ""))
@@ -426,16 +428,15 @@ def compare(
 ) -> None:
     """The same grouped CV for each recipe (finished runs reused), then one table: mean ± sd metrics, time, size, speed."""
     from mitotype._io import check_output_dir
-    from mitotype.workflows.compare import LABELS, compare as compare_runs, parse_recipes
+    from mitotype.workflows.compare import LABELS, compare as compare_runs, parse_recipes, pm
 
     names = parse_recipes(recipes_)
-    check_output_dir(out_dir, "out_dir")
+    check_output_dir(out_dir, "out_dir")  # before decoding; compare checks it again
     table = compare_runs(names, _existing(data, "--data"), out_dir, folds=folds, overrides=_overrides(overrides, skip_bad, device),
                          skip_missing=skip_missing, on_status=lambda name, what: err.print(f"{name}: {what}"))
     shown = Table("recipe", *LABELS.values(), "wall s", "device", "params", "patches/s")
     for r in table.to_dict("records"):
-        cells = ["–" if r[f"{m}_mean"] is None or r[f"{m}_mean"] != r[f"{m}_mean"] else f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_sd']:.3f}"
-                 for m in LABELS]
+        cells = [pm(r[f"{m}_mean"], r[f"{m}_sd"]) for m in LABELS]
         shown.add_row(r["recipe"], *cells, f"{r['wall_seconds']:.1f}", r["device"], f"{r['params']:,}", f"{r['patches_per_s']:,.1f}")
     out.print(shown)
     out.print(f"→ {out_dir}/compare.md, compare.csv, compare.png")

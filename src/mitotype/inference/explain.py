@@ -25,7 +25,7 @@ from mitotype.data.images import iter_batches
 from mitotype.data.manifest import LABEL_NAMES
 from mitotype.errors import MitotypeError
 from mitotype.inference.engine import predict_batch
-from mitotype.models.registry import MitotypeModel, class_logits
+from mitotype.models.registry import MitotypeModel, positive_log_odds
 from mitotype.transforms.batch import to_input
 
 TARGETS = ("atypical", "predicted")
@@ -37,12 +37,7 @@ SHEET_NAME, TABLE_NAME = "contact_sheet.png", "explanations.csv"
 def atypical_log_odds(net: MitotypeModel, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean over the reduced heads of log P(positive classes) - log P(the rest): the logit of p_atypical
     for one binary head, without the saturation of the probability itself."""
-    per_head = []
-    for name in net.reduce_heads:
-        z = class_logits(outputs[name].float())  # a 1-logit head: [0, z]
-        pos = list(net.head_specs[name].positive)
-        neg = [i for i in range(z.shape[1]) if i not in pos]
-        per_head.append(z[:, pos].logsumexp(dim=1) - z[:, neg].logsumexp(dim=1))
+    per_head = [positive_log_odds(outputs[name], net.head_specs[name].positive) for name in net.reduce_heads]
     return torch.stack(per_head).mean(dim=0)
 
 

@@ -85,6 +85,13 @@ def class_logits(z: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros_like(z), z], dim=1) if z.shape[1] == 1 else z
 
 
+def positive_log_odds(z: torch.Tensor, positive: list[int]) -> torch.Tensor:
+    """log P(one of the ``positive`` classes) - log P(the rest) from a head's logits (a 1-logit head's own logit)."""
+    z = class_logits(z.float())
+    rest = [c for c in range(z.shape[1]) if c not in positive]
+    return z[:, list(positive)].logsumexp(dim=1) - z[:, rest].logsumexp(dim=1)
+
+
 def positive_probability(z: torch.Tensor, positive: list[int]) -> torch.Tensor:
     """P(one of the ``positive`` classes) from a head's logits: softmax, or sigmoid for a 1-logit head."""
     z = z.float()

@@ -11,7 +11,7 @@ from torch import nn
 
 from mitotype.config import HeadConfig, LossConfig
 from mitotype.errors import MitotypeError
-from mitotype.models.registry import class_logits
+from mitotype.models.registry import class_logits, positive_log_odds
 
 MISSING = -1  # target value of a row without a label for this head (e.g. an expert who did not vote)
 
@@ -67,12 +67,7 @@ def bce_loss(logits: torch.Tensor, target: torch.Tensor, positive: list[int], *,
     (torch's BCEWithLogitsLoss on one output, as the AMi-Br benchmark trains), or for a K-class head
     log P(positive) - log P(rest), which for two classes is cross-entropy itself. ``weight`` (per class
     index) gives a weighted mean, as cross-entropy's class weights do; smoothing pulls targets to 1/2."""
-    if logits.shape[1] == 1 and list(positive) == [1]:
-        log_odds = logits[:, 0].float()
-    else:
-        z = class_logits(logits.float())
-        rest = [c for c in range(z.shape[1]) if c not in positive]
-        log_odds = z[:, positive].logsumexp(dim=1) - z[:, rest].logsumexp(dim=1)
+    log_odds = positive_log_odds(logits, positive)
     y = torch.isin(target, torch.tensor(positive, device=target.device)).float()
     y = y * (1.0 - label_smoothing) + label_smoothing / 2
     per_row = F.binary_cross_entropy_with_logits(log_odds, y, reduction="none")

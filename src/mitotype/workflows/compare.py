@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from mitotype._io import write_csv, write_text
+from mitotype._io import check_output_dir, write_csv, write_text
 from mitotype.config import Config, dump_config, first_difference, load_config
 from mitotype.errors import MitotypeError
 from mitotype.evaluation.plots import plot_metric_bars
@@ -104,6 +104,7 @@ def compare(recipes: list[str], data_path: Path, out: Path, *, folds: int = 5, o
         raise MitotypeError(f"{{folds}}: {folds} must be at least 2", options=("folds",))
     configs = {run_name(r): load_config(r, overrides) for r in recipes}  # every recipe checked before any training
     out = Path(out)
+    check_output_dir(out, "out_dir")
     out.mkdir(parents=True, exist_ok=True)
     decoded: dict[tuple, Dataset] = {}
     rows = []
@@ -144,7 +145,7 @@ def _row(name: str, cfg: Config, run_dir: Path, data: Dataset, state: str, **tim
     return row
 
 
-def _pm(mean: float | None, sd: float | None) -> str:
+def pm(mean: float | None, sd: float | None) -> str:
     return "–" if mean is None or pd.isna(mean) else f"{mean:.3f} ± {sd:.3f}"
 
 
@@ -159,7 +160,7 @@ def markdown(table: pd.DataFrame, data_path: Path, folds: int, overrides: list[s
         "| " + " | ".join(head) + " |", "|" + " --- |" * len(head),
     ]
     for r in table.to_dict("records"):
-        cells = [r["recipe"], *(_pm(r[f"{m}_mean"], r[f"{m}_sd"]) for m in COMPARED), f"{r['wall_seconds']:.1f}", r["device"],
+        cells = [r["recipe"], *(pm(r[f"{m}_mean"], r[f"{m}_sd"]) for m in COMPARED), f"{r['wall_seconds']:.1f}", r["device"],
                  f"{r['params']:,}", f"{r['patches_per_s']:,.1f}"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from mitotype._io import write_csv, write_text
+from mitotype._io import check_output_dir, write_csv, write_text
 from mitotype.config import Config, dump_config, load_config
 from mitotype.errors import MitotypeError
 from mitotype.workflows.runs import Dataset, cross_validate
@@ -224,6 +224,7 @@ def tune(recipe: str, data: Dataset, out: Path, *, trials: int, folds: int = 5, 
         raise MitotypeError(f"{{folds}}: {folds} must be at least 2", options=("folds",))
     optuna = _optuna()
     out, overrides = Path(out), list(overrides or [])
+    check_output_dir(out, "out_dir")
     space, fixed = search_space(recipe, overrides, list(params or []), default_space=default_space)
     study = _open_study(optuna, out, _search_record(recipe, overrides, space, fixed, folds, data), seed,
                         pruner if pruner is not None else default_pruner())
