@@ -1,8 +1,8 @@
 """Prediction throughput: bare forward per backend vs ``predict`` end to end from PNG files vs a naive per-image PIL loop.
 
 Every side processes the same patches. The bare sides run the model on batches already decoded:
-PyTorch eager (``predict_batch``), the fp32 ONNX export in an ONNX Runtime session, and its int8
-(static QDQ) quantization. The ``predict`` sides run ``predict_manifest`` with each backend: a
+PyTorch eager (``predict_batch``), the fp32 ONNX export in an ONNX Runtime session, its int8
+(static QDQ) quantization, and the fp32 export compiled by OpenVINO in f32 and bf16 (when installed). The ``predict`` sides run ``predict_manifest`` with each backend: a
 background thread pool reads and decodes the PNG files while the model runs. The naive loop opens
 each PNG with PIL and runs the PyTorch model on one image at a time, as the field's research
 scripts do. Each side is warmed up once, then they alternate, the order rotating each round.
@@ -19,6 +19,7 @@ graph is calibrated on the timed patches themselves: its speed is measured here,
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ from _patches import DEFAULT_DATA, png_paths  # benchmarks/ is on the path when 
 from _timing import Side, Timed, compare, report
 from mitotype.config import load_config
 from mitotype.data.images import decode_all
-from mitotype.inference.backends import OnnxBackend, TorchBackend
+from mitotype.inference.backends import OnnxBackend, OpenVinoBackend, TorchBackend
 from mitotype.inference.export import _graph, onnx_difference, quantize_int8, write_onnx
 from mitotype.inference.predict import predict_manifest
 from mitotype.models.artifact import load_ensemble, save_model
@@ -90,6 +91,9 @@ def _run(models: list, paths: list[str], source: str, model_text: str, bs: int, 
     nets = [m.model.eval() for m in models]
     backends = {"PyTorch": TorchBackend(nets, device)}
     backends.update({f"ONNX Runtime {k}": OnnxBackend(path) for k, path in onnx.items()})
+    if onnx and importlib.util.find_spec("openvino") is not None:  # the same fp32 graph compiled by OpenVINO
+        backends["OpenVINO fp32"] = OpenVinoBackend(onnx["fp32"])
+        backends["OpenVINO bf16"] = OpenVinoBackend(onnx["fp32"], precision="bf16")  # f32 where the CPU lacks bf16
 
     def bare(backend) -> Callable[[], float]:
         def run() -> float:
@@ -117,7 +121,7 @@ def _run(models: list, paths: list[str], source: str, model_text: str, bs: int, 
 
     sides = [Side("bare forward (pre-decoded)" if name == "PyTorch" else f"bare {name} session (pre-decoded)", bare(b), n)
              for name, b in backends.items()]
-    sides += [Side("mitotype predict (from PNG)" if name == "PyTorch" else f"mitotype predict --backend onnxruntime ({name[13:]})",
+    sides += [Side("mitotype predict (from PNG)" if name == "PyTorch" else f"mitotype predict --backend {b.name} ({name.split()[-1]})",
                    ours(b), n) for name, b in backends.items()]
     sides.append(Side("naive PIL + torch per image", naive, n))
     results = compare(sides, rounds)

@@ -100,6 +100,17 @@ def test_each_recipe_builds_its_real_network_and_takes_a_bce_step(recipe: str) -
     assert head.weight.grad.abs().sum() > 0 and first.grad is not None and first.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("recipe", ["vit-b16", "swin-b"])
+def test_fixed_size_backbones_are_built_at_the_configured_input_size(recipe: str) -> None:
+    """``--set model.input_size=64`` on a ViT / Swin recipe builds the transformer for 64 px (timm's
+    ``img_size``), as it would resize a CNN's input; an ``img_size`` in ``model.kwargs`` wins."""
+    model = create_model(load_config(recipe, ["model.pretrained=none", "model.input_size=64"]).model)
+    assert tuple(model.backbone.patch_embed.img_size) == (64, 64)
+    assert model({"image": torch.rand(2, 3, 32, 32)})["label"].shape == (2, 1)
+    kept = create_model(load_config(recipe, ["model.pretrained=none", "model.input_size=64", "model.kwargs.img_size=224"]).model)
+    assert tuple(kept.backbone.patch_embed.img_size) == (224, 224)
+
+
 @pytest.fixture(scope="module")
 def small_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_class_folders(tmp_path_factory.mktemp("baselines") / "data", n_atypical=8, n_normal=16, n_slides=8)

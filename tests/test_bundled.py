@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
-from mitotype.config import load_config
+from mitotype.config import DEFAULT_RECIPE, load_config
 from mitotype.errors import MitotypeError
 from mitotype.models import bundled
 from mitotype.models.artifact import load_ensemble
@@ -74,7 +74,29 @@ def test_the_shipped_bundle_is_the_default_recipes_fold_ensemble_within_40_mib()
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     assert size <= 40 * 2**20 and info["folds"] == 5 and info["weights"] == "float16"
     models = load_ensemble(folder)
-    assert len(models) == 5 and {m.card["build"]["center_crop"] for m in models} == {80}
-    assert {m.card["build"]["backbone"] for m in models} == {"tf_efficientnet_lite0"} and all(m.threshold == 0.5 for m in models)
+    recipe = load_config(DEFAULT_RECIPE).model  # the bundle is the default recipe's: retrained when the default changes
+    assert info["recipe"] == DEFAULT_RECIPE and len(models) == 5 and all(m.threshold == 0.5 for m in models)
+    for key in ("backbone", "center_crop", "input_size"):
+        assert {m.card["build"][key] for m in models} == {getattr(recipe, key)}, key
     per_fold = [m.card["provenance"]["metrics"]["held_out_fold"]["balanced_accuracy"] for m in models]
     assert per_fold == [f["balanced_accuracy"] for f in info["cv"]["per_fold"]]  # each card carries its fold's measured score
+
+
+def test_bundle_carries_the_leave_one_source_out_figures_of_the_same_recipe(cv_run, tmp_path: Path) -> None:
+    run, _ = cv_run
+    recipe = json.loads((run / "summary.json").read_text())["recipe"]
+    folds = [{"fold": i, "held_out": name, "n": n, "balanced_accuracy": ba, "roc_auc": 0.8, "sensitivity": 0.7,
+              "specificity": 0.9, "f1": 0.5} for i, (name, n, ba) in enumerate((("MIDOG21/Hamamatsu XR", 358, 0.78), ("TUPAC16", 1602, 0.73)))]
+    (tmp_path / "loso").mkdir()
+    (tmp_path / "loso" / "summary.json").write_text(json.dumps({"recipe": recipe, "group_by": ["domain", "scanner"], "per_fold": folds}))
+    info = bundled.bundle_run(run, tmp_path / "b", domain_run=tmp_path / "loso")
+    held = info["leave_one_source_out"]
+    assert held["group_by"] == ["domain", "scanner"] and held["source_run"] == str(tmp_path / "loso")
+    assert held["per_source"] == {"MIDOG21/Hamamatsu XR": {"n": 358, "balanced_accuracy": 0.78, "roc_auc": 0.8, "sensitivity": 0.7,
+                                                           "specificity": 0.9},
+                                  "TUPAC16": {"n": 1602, "balanced_accuracy": 0.73, "roc_auc": 0.8, "sensitivity": 0.7, "specificity": 0.9}}
+    assert json.loads((tmp_path / "b" / "bundle.json").read_text())["leave_one_source_out"] == held
+    (tmp_path / "loso" / "summary.json").write_text(json.dumps({"recipe": "other", "group_by": ["domain"], "per_fold": folds}))
+    with pytest.raises(MitotypeError, match=r"loso: not a leave-one-source-out run \(--group-by\) of recipe"):
+        bundled.bundle_run(run, tmp_path / "c", domain_run=tmp_path / "loso")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "c.staging").exists()

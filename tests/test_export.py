@@ -129,12 +129,15 @@ def _labelled(root: Path) -> Path:
 
 
 def _fake_scores(monkeypatch: pytest.MonkeyPatch, wrong_int8: int) -> None:
-    """fp32 right on all 20 patches (balanced accuracy 1); int8 wrong on ``wrong_int8`` of the 10
-    atypical ones (balanced accuracy 1 - wrong / 20)."""
-    y = np.array([1] * 10 + [0] * 10)
-    int8 = y.astype(float).copy()
-    int8[:wrong_int8] = 0.0
-    monkeypatch.setattr(ex, "score_backends", lambda backends, *a, **k: (y, {"fp32": y.astype(float), "int8": int8}))
+    """fp32 right on every patch (balanced accuracy 1); int8 wrong on the first ``wrong_int8`` of the
+    10 atypical ones (balanced accuracy 1 - wrong / 20)."""
+    def fake(backends: dict, paths: list[str], *a: object, **k: object) -> dict:
+        y = np.array([Path(path).parent.name == "Atypical" for path in paths], float)
+        int8 = y.copy()
+        int8[np.flatnonzero(y)[:wrong_int8]] = 0.0
+        return {"fp32": y, "int8": int8}
+
+    monkeypatch.setattr(ex, "score_backends", fake)
 
 
 def test_int8_is_written_only_within_0_01_of_fp32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,6 +173,46 @@ def test_int8_figures_are_each_graphs_balanced_accuracy_on_the_check_data(tmp_pa
     assert (card["balanced_accuracy_fp32"], card["balanced_accuracy_int8"]) == pytest.approx((got["fp32"], got["int8"]), abs=1e-12)
 
 
+def test_int8_of_a_fold_ensemble_is_gated_out_of_fold_on_its_splits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the cv run's splits.csv as check data, each member is exported and quantized alone and
+    scored on its own fold only, at its own threshold; the pooled calls give the two figures."""
+    from mitotype.evaluation.metrics import binary_metrics
+
+    data, run = _labelled(tmp_path / "d"), tmp_path / "run"
+    members = [_save(run / f"fold_{k}", seed=k) for k in range(2)]
+    thresholds = (0.3, 0.7)  # distinct, so a member called at the other's (or the mean) threshold is seen
+    for member, t in zip(members, thresholds):
+        card = json.loads((member / "model.json").read_text())
+        (member / "model.json").write_text(json.dumps({**card, "threshold": t}))
+    paths = sorted(str(p) for p in data.rglob("*.png"))
+    splits = pd.DataFrame({"path": paths, "label": [int(Path(p).parent.name == "Atypical") for p in paths]})
+    splits["fold"] = np.arange(len(splits)) % 2
+    splits.to_csv(tmp_path / "splits.csv", index=False)
+    seen: dict[int, tuple[np.ndarray, dict]] = {}
+    real = ex.score_backends
+
+    def spy(backends: dict, paths: list[str], models: list, **k: object) -> dict:
+        fold = [m.path for m in models].index(members[0]) if members[0] in [m.path for m in models] else 1
+        assert len(models) == 1 and models[0].path == members[fold] and backends["int8"].path.name == f"fold_{fold}.int8.onnx"
+        rows = splits["fold"] == fold
+        assert sorted(paths) == sorted(splits.loc[rows, "path"])  # its own held-out rows, nothing else
+        got = real(backends, paths, models, **k)
+        seen[fold] = (splits.set_index("path").loc[paths, "label"].to_numpy(), got)
+        return got
+
+    monkeypatch.setattr(ex, "score_backends", spy)
+    monkeypatch.setattr(ex, "INT8_MAX_DROP", 1.0)
+    card = ex.export_model(run, tmp_path / "q.onnx", int8=True, check_data=tmp_path / "splits.csv", calib_n=8)["int8"]
+    assert sorted(seen) == [0, 1] and card["out_of_fold"] is True and card["n"] == 20
+    y = np.concatenate([seen[k][0] for k in (0, 1)])
+    for name in ("fp32", "int8"):
+        calls = np.concatenate([seen[k][1][name] >= thresholds[k] for k in (0, 1)]).astype(float)
+        assert card[f"balanced_accuracy_{name}"] == pytest.approx(binary_metrics(y, calls, 0.5)["balanced_accuracy"], abs=1e-12)
+    splits.assign(fold=splits["fold"] + 1).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(MitotypeError, match=r"bad\.csv: column fold holds \[1, 2\], not the ensemble's 2 folds"):
+        ex.export_model(run, tmp_path / "r.onnx", int8=True, check_data=tmp_path / "bad.csv", calib_n=8)
+
+
 # ---------------------------------------------------------------------------------------------
 # the command line
 
@@ -203,11 +246,81 @@ def test_predict_with_onnxruntime_writes_the_torch_backends_table(tmp_path: Path
     np.testing.assert_allclose(pd.read_csv(tmp_path / "x.csv")["p_atypical"], tables[()]["p_atypical"], atol=1e-4, rtol=0)
 
 
+def test_predict_with_openvino_writes_the_torch_backends_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    """The same exported graph compiled by OpenVINO (float32): the torch table to 1e-4, with --tta
+    and with an --onnx file; without the package, one line naming the extra to install."""
+    pytest.importorskip("openvino", reason="openvino not installed (pip install 'mitotype[openvino]')")
+    monkeypatch.setenv("MITOTYPE_CACHE_DIR", str(tmp_path / "cache"))
+    model_dir, data = _save(tmp_path / "m"), write_class_folders(tmp_path / "d", n_atypical=6, n_normal=8)
+    ex.export_model(model_dir, tmp_path / "x.onnx")
+    from mitotype.inference import backends
+
+    runs: list[int] = []
+    real_run = backends.OpenVinoBackend._run
+    monkeypatch.setattr(backends.OpenVinoBackend, "_run", lambda self, x: (runs.append(len(x)), real_run(self, x))[1])
+    for extra in ((), ("--tta",), ("--onnx", tmp_path / "x.onnx")):
+        base = ["predict", data, "--model", model_dir, *[e for e in extra if e == "--tta"]]
+        code, _, err = run_cli(monkeypatch, capsys, *base, "--out", tmp_path / "t.csv")
+        assert code == 0, err
+        code, _, err = run_cli(monkeypatch, capsys, "predict", data, "--model", model_dir, *extra, "--out", tmp_path / "v.csv",
+                               "--backend", "openvino")
+        assert code == 0, err
+        t, v = pd.read_csv(tmp_path / "t.csv"), pd.read_csv(tmp_path / "v.csv")
+        assert np.ptp(t["p_atypical"]) > 0.05
+        np.testing.assert_allclose(v["p_atypical"], t["p_atypical"], atol=1e-4, rtol=0)
+        assert v.drop(columns="p_atypical").equals(t.drop(columns="p_atypical"))
+    assert sum(runs) == 14 * (1 + 8 + 1)  # OpenVINO ran every patch: once, 8 views with --tta, once
+    import builtins
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "openvino" else real_import(name, *a, **k))
+    code, _, err = run_cli(monkeypatch, capsys, "predict", data, "--model", model_dir, "--out", tmp_path / "w.csv", "--backend", "openvino")
+    _one_line(code, err, "--backend openvino needs the openvino package", "mitotype[openvino]")
+    assert not (tmp_path / "w.csv").exists()
+
+
+def test_openvino_bf16_compiles_in_bfloat16_where_the_cpu_has_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``openvino-bf16`` asks OpenVINO for bf16 (native on AVX-512 BF16 / AMX CPUs, which report BF16
+    among their optimization capabilities), ``openvino`` for f32; both close to PyTorch."""
+    ov = pytest.importorskip("openvino", reason="openvino not installed (pip install 'mitotype[openvino]')")
+    from mitotype.inference.backends import TorchBackend, make_backend
+
+    monkeypatch.setenv("MITOTYPE_CACHE_DIR", str(tmp_path / "cache"))
+    models = load_ensemble(_save(tmp_path / "m"))
+    native = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    batch = _patches(16)
+    want = TorchBackend([m.model for m in models], torch.device("cpu")).p_atypical(batch)
+    for name, precision, tol in (("openvino", "f32", 1e-4), ("openvino-bf16", "bf16" if native else "f32", 0.05)):
+        backend = make_backend(name, models, torch.device("cpu"))
+        assert backend.name == name
+        assert backend.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == precision
+        np.testing.assert_allclose(backend.p_atypical(batch), want, atol=tol, rtol=0)
+
+
 def _one_line(code: int, err: str, *needles: str) -> None:
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def test_export_bundled_exports_the_packaged_model_unless_a_folder_of_that_name_exists(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import mitotype.models.bundled as bundled
+
+    packaged = _save(tmp_path / "packaged")
+    _save(tmp_path / "work" / "bundled", seed=3)  # a model folder the user happened to name bundled
+    monkeypatch.setattr(bundled, "bundled_model_dir", lambda: packaged)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, "export", "bundled", tmp_path / "b.onnx")
+    assert code == 0, err
+    assert json.loads((tmp_path / "b.onnx.json").read_text())["members"] == [str(packaged)]
+    monkeypatch.chdir(tmp_path / "work")  # a folder named bundled in the working directory is the user's model
+    code, _, err = run_cli(monkeypatch, capsys, "export", "bundled", tmp_path / "c.onnx")
+    assert code == 0, err
+    assert json.loads((tmp_path / "c.onnx.json").read_text())["members"] == ["bundled"]
 
 
 def test_bad_export_and_backend_options_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -224,11 +337,36 @@ def test_bad_export_and_backend_options_are_one_line_errors(tmp_path: Path, monk
     assert not out.exists()
     predict = ["predict", data, "--model", model_dir, "--out", tmp_path / "p.csv"]
     _one_line(*run_cli(monkeypatch, capsys, *predict, "--backend", "tensorrt")[::2], "--backend 'tensorrt'", "torch, onnxruntime")
-    _one_line(*run_cli(monkeypatch, capsys, *predict, "--onnx", out)[::2], "--onnx is read by the onnxruntime backend only")
+    _one_line(*run_cli(monkeypatch, capsys, *predict, "--onnx", out)[::2], "--onnx is read by the onnxruntime and openvino backends only")
     _one_line(*run_cli(monkeypatch, capsys, *predict, "--backend", "onnxruntime", "--onnx", out)[::2], "--onnx", "no such file")
     ex.export_model(other, out)
     _one_line(*run_cli(monkeypatch, capsys, *predict, "--backend", "onnxruntime", "--onnx", out)[::2], "exported from other weights")
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_int8_calibration_reads_one_batch_per_collect_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ORT's histogram calibrators hold every activation of one collect_data call in memory (a 5-fold
+    lite0 ensemble on 256 patches was killed for memory): each call must read one batch only."""
+    from onnxruntime.quantization.calibrate import HistogramCalibrater
+
+    models = load_ensemble(_save(tmp_path / "m"))
+    graph, size = ex._graph(models)
+    ex.write_onnx(graph, size, tmp_path / "fp32.onnx")
+    per_call: list[int] = []
+    real = HistogramCalibrater.collect_data
+
+    def counting(self: HistogramCalibrater, reader: object) -> None:
+        seen = []
+        get_next = reader.get_next
+        reader.get_next = lambda: (lambda b: (seen.append(b) if b is not None else None, b)[1])(get_next())
+        real(self, reader)
+        per_call.append(len(seen))
+
+    monkeypatch.setattr(HistogramCalibrater, "collect_data", counting)
+    ex.quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", [_patches(4, seed=s).numpy() for s in range(3)])
+    assert per_call == [1, 1, 1]
+    types = {node.op_type for node in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
+    assert "QuantizeLinear" in types
 
 
 def test_int8_keeps_preprocessing_first_conv_residual_adds_and_heads_fp32_and_calibrates_by_percentile(

@@ -390,3 +390,46 @@ def test_an_aperio_svs_gives_its_mpp_and_levels_and_exact_crops(tmp_path: Path) 
     crop = jpeg.crop(x, y, P, 0.2527).astype(int)
     jpeg.close()
     assert np.abs(crop - smooth[y - 16:y + 16, x - 16:x + 16]).max() <= 4  # lossy: close, not equal
+
+
+def test_openslide_reads_the_same_levels_mpp_and_crops_as_tiffslide_and_is_the_fallback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OpenSlide path (formats tiffslide cannot open, e.g. .mrxs) on an Aperio SVS both libraries
+    read: same microns per pixel, level sizes and crops (exact, raw tiles; white padding at the
+    border); and ``open_slide`` hands a slide to OpenSlide when tiffslide refuses it."""
+    pytest.importorskip("openslide", reason="openslide-python not installed (pip install 'mitotype[openslide]')")
+    import mitotype.data.slides as slides_mod
+    from mitotype.data.slides import OpenSlideSource, open_slide
+
+    level0 = noise_image(256, 320, seed=7)
+    write_svs(tmp_path / "scan.svs", level0, mpp=0.2527)
+    ours, theirs = OpenSlideSource(tmp_path / "scan.svs"), TiffSlideSource(tmp_path / "scan.svs")
+    assert ours.level_mpps == pytest.approx(theirs.level_mpps) and ours.level_mpps == pytest.approx([0.2527, 0.5054])
+    assert [ours.level_dimensions(i) for i in range(2)] == [theirs.level_dimensions(i) for i in range(2)] == [(320, 256), (160, 128)]
+    for x, y, mpp in ((150, 90, 0.2527), (150, 90, 0.5054), (5, 250, 0.2527), (318, 3, 0.5054)):
+        got = ours.crop(x, y, P, mpp)
+        assert np.array_equal(got, theirs.crop(x, y, P, mpp)), (x, y, mpp)
+    assert np.array_equal(ours.crop(150, 90, P, 0.2527), level0[74:106, 134:166])
+    assert (ours.crop(5, 250, P, 0.2527)[-1] == 255).all()  # below the slide: white padding
+    ours.close(), theirs.close()
+
+    def refuse(*a: object, **k: object) -> None:
+        raise ValueError("not a format tiffslide reads")
+
+    monkeypatch.setattr(slides_mod, "TiffSlideSource", refuse)
+    fallback = open_slide(tmp_path / "scan.svs")
+    assert isinstance(fallback, OpenSlideSource) and np.array_equal(fallback.crop(150, 90, P, 0.2527), level0[74:106, 134:166])
+    fallback.close()
+
+
+def test_a_slide_tiffslide_refuses_without_openslide_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    from mitotype.data.slides import BadImage, open_slide
+
+    (tmp_path / "scan.mrxs").write_bytes(b"not a slide")
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "openslide" else real_import(name, *a, **k))
+    with pytest.raises(BadImage, match=r"scan\.mrxs: tiffslide cannot read this slide \(.+\); pip install 'mitotype\[openslide\]'"):
+        open_slide(tmp_path / "scan.mrxs")

@@ -15,7 +15,7 @@ import yaml
 from conftest import TINY, run_cli
 
 import mitotype.workflows.tune as tune_mod
-from mitotype import config
+from mitotype import DEFAULT_RECIPE, config
 from mitotype.config import load_config, packaged_recipes
 from mitotype.models.artifact import load_model
 from mitotype.workflows import runs
@@ -159,7 +159,7 @@ def test_tune_writes_the_best_trial_as_a_recipe_and_a_rerun_adds_only_the_missin
     assert (cfg.train.lr, cfg.model.drop_rate) == (best.params["train.lr"], best.params["model.drop_rate"])
     assert (cfg.loss.focal_alpha, cfg.loss.focal_gamma, cfg.loss.name) == \
         (best.params["loss.focal_alpha"], best.params["loss.focal_gamma"], "focal")  # focal: alpha and gamma matter
-    assert (cfg.model.backbone, cfg.train.epochs, cfg.recipe) == ("test_efficientnet", 1, "lite0-crop80-tuned")
+    assert (cfg.model.backbone, cfg.train.epochs, cfg.recipe) == ("test_efficientnet", 1, f"{DEFAULT_RECIPE}-tuned")
     table = pd.read_csv(out / "trials.csv")
     assert table["trial"].tolist() == [0, 1] and table["state"].tolist() == ["COMPLETE", "COMPLETE"]
     assert table["mean_balanced_accuracy"].tolist() == [t.value for t in first]
@@ -196,7 +196,7 @@ def test_a_pruned_trial_stops_after_its_fold_and_an_interrupted_one_resumes_its_
 
     cut = FitCount(monkeypatch, interrupt="trial_002/fold_1")  # Ctrl-C in the middle of trial 2
     with pytest.raises(KeyboardInterrupt):
-        tune_mod.tune("lite0-crop80", runs.load_dataset(amibr, load_config("lite0-crop80", TINY + ["train.epochs=1",
+        tune_mod.tune(DEFAULT_RECIPE, runs.load_dataset(amibr, load_config(DEFAULT_RECIPE, TINY + ["train.epochs=1",
                       "train.eval_batch_size=64"])), out, trials=3, folds=3,
                       overrides=TINY + ["train.epochs=1", "train.eval_batch_size=64"], pruner=optuna.pruners.NopPruner())
     assert cut.calls == {"trial_002/fold_0": 1}

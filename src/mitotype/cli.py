@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from mitotype import DEFAULT_RECIPE
 from mitotype.errors import MitotypeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tell atypical from normal mitotic figures in H&E patches.")
@@ -20,7 +21,7 @@ app.add_typer(data_app, name="data")
 out = Console()
 err = Console(stderr=True)  # messages and progress go to stderr, results to stdout
 
-RecipeOpt = typer.Option("lite0-crop80", "--recipe", "-r", help="Recipe name (packaged, or in ./configs) or a YAML path.")
+RecipeOpt = typer.Option(DEFAULT_RECIPE, "--recipe", "-r", help="Recipe name (packaged, or in ./configs) or a YAML path.")
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config field: section.field=value (repeatable).")
 SkipBadOpt = typer.Option(False, "--skip-bad", help="Skip unreadable / non-RGB images with a warning instead of stopping.")
 SkipMissingOpt = typer.Option(False, "--skip-missing", help="Drop CSV rows whose image is missing, with a warning.")
@@ -211,8 +212,8 @@ def predict(
     device: str = typer.Option("auto", "--device"),
     size_policy: Optional[str] = SizePolicyOpt,
     skip_bad: bool = SkipBadOpt,
-    backend: str = typer.Option("torch", "--backend", help="torch or onnxruntime (CPU; the model exported once into the cache)."),
-    onnx: Optional[Path] = typer.Option(None, "--onnx", help="With --backend onnxruntime: a file from `mitotype export` of this model."),
+    backend: str = typer.Option("torch", "--backend", help="torch, onnxruntime, openvino, openvino-bf16 (CPU; graph exported once into the cache)."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="With --backend onnxruntime/openvino: a file from `mitotype export` of this model."),
     points: Optional[Path] = typer.Option(None, "--points", help="Classify points instead of patches: a CSV (image, x, y"
                                           "[, label]), a MitDet folder (png/ + csv/) or a MIDOG/COCO JSON."),
     images: Optional[Path] = typer.Option(None, "--images", help="With --points: folder the image names resolve in."),
@@ -274,11 +275,12 @@ def _predict_points(inputs: Optional[Path], points: Optional[Path], images: Opti
 
 @app.command()
 def export(
-    model: Path = typer.Argument(..., help="Model folder or cv run directory (exported as one graph averaging its folds)."),
+    model: Path = typer.Argument(..., help="Model folder, cv run directory (one graph averaging its folds) or 'bundled'."),
     out_file: Path = typer.Argument(..., help="Output file (.onnx / .pt); its card goes to OUT.json beside it."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript."),
     int8: bool = typer.Option(False, "--int8", help="Quantize to int8 (ONNX); written only if balanced accuracy drops <= 0.01."),
-    check_data: Optional[Path] = typer.Option(None, "--check-data", help="With --int8: labelled patches it did not train on."),
+    check_data: Optional[Path] = typer.Option(None, "--check-data", help="With --int8: labelled patches it did not train on, "
+                                              "or a fold ensemble's splits.csv (each fold scored on its own held-out rows)."),
     calib_data: Optional[Path] = typer.Option(None, "--calib-data", help="With --int8: patches to calibrate on (default: check data)."),
     calib_n: int = typer.Option(256, "--calib-n", help="With --int8: calibration patches drawn from --calib-data."),
 ) -> None:
@@ -290,7 +292,7 @@ def export(
     if calib_data is not None:
         _existing(calib_data, "--calib-data")
     with _progress() as advance:
-        card = export_model(_existing(model, "model"), out_file, fmt, int8=int8, check_data=check_data, calib_data=calib_data,
+        card = export_model(_model_path(None) if str(model) == "bundled" and not model.exists() else _existing(model, "model"), out_file, fmt, int8=int8, check_data=check_data, calib_data=calib_data,
                             calib_n=calib_n, progress=advance)
     check = f"fp32 graph max |Δp| vs PyTorch {card['check']['max_abs_diff_vs_torch']:.1e}"
     if "int8" in card:

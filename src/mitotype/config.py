@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from mitotype import DEFAULT_RECIPE  # noqa: F401 (re-exported beside the recipes)
 from mitotype.errors import MitotypeError
 from mitotype.transforms.augment import AugmentConfig
 
@@ -366,15 +367,22 @@ def record_config(path: Path, cfg: Config, resume: bool) -> None:
     from mitotype._io import write_text
 
     if resume and path.is_file():
-        old, new = yaml.safe_load(path.read_text()), yaml.safe_load(dump_config(cfg))
-        for values in (old, new):
-            values.get("train", {}).pop("device", None)
-        changed = first_difference(old, new)
+        changed = config_change(path, cfg)
         if changed:
             raise MitotypeError(f"{path}: {{resume}} with a changed config ({changed}); resume with the original settings or start a new run",
                                 options=("resume",))
         return
     write_text(path, dump_config(cfg))
+
+
+def config_change(path: Path, cfg: Config) -> str:
+    """The first field (``section.field``) where the run's saved config.yaml differs from ``cfg``, or
+    "": what decides whether a run may be resumed or reused. The device does not count: where it
+    ran does not change what it learned."""
+    old, new = (yaml.safe_load(text) or {} for text in (path.read_text(), dump_config(cfg)))
+    for values in (old, new):
+        values.get("train", {}).pop("device", None)
+    return first_difference(old, new)
 
 
 def first_difference(old: Any, new: Any, where: str = "") -> str:

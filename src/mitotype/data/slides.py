@@ -219,7 +219,7 @@ def open_slide(path: str | Path, slide_mpp: float | None = None) -> Source:
     try:
         import openslide  # noqa: F401
     except ImportError:
-        raise BadImage(f"{path}: tiffslide cannot read this slide ({reason}); install openslide-python for this format") from None
+        raise BadImage(f"{path}: tiffslide cannot read this slide ({reason}); pip install 'mitotype[openslide]' for this format") from None
     try:
         return OpenSlideSource(path, slide_mpp)
     except MitotypeError:

@@ -1,10 +1,10 @@
 """Inference backends behind one call: ``backend.p_atypical(batch_u8, tta) -> np.ndarray``.
 
 The streaming readers (folders, manifests, points, slides) hand every backend the same uint8
-(B, H, W, 3) batches, so the choice of PyTorch or ONNX Runtime changes nothing but speed.
-``predict_batch`` stays the pure PyTorch function; the ONNX Runtime backend runs an exported
-graph (:mod:`mitotype.inference.export`) that holds the same preprocessing and fold mean, and
-does test-time augmentation outside the graph with the same 8 dihedral views.
+(B, H, W, 3) batches, so the choice of PyTorch, ONNX Runtime or OpenVINO changes nothing but speed.
+``predict_batch`` stays the pure PyTorch function; the ONNX Runtime and OpenVINO backends run an
+exported graph (:mod:`mitotype.inference.export`) that holds the same preprocessing and fold mean,
+and do test-time augmentation outside the graph with the same 8 dihedral views.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from mitotype.errors import MitotypeError
 from mitotype.inference.engine import predict_batch
 from mitotype.transforms.augment import dihedral_view
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "openvino", "openvino-bf16")
+GRAPH_BACKENDS = ("onnxruntime", "openvino", "openvino-bf16")  # run an exported ONNX graph on the CPU
 
 
 class Backend(Protocol):
@@ -50,7 +51,23 @@ def dihedral_view_nhwc(batch: np.ndarray, k: int) -> np.ndarray:
     return dihedral_view(channels_first, k).movedim(1, -1).contiguous().numpy()
 
 
-class OnnxBackend:
+class _GraphBackend:
+    """Test-time augmentation around a graph that maps uint8 (B, H, W, 3) to p_atypical (B,)."""
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def p_atypical(self, batch_u8: torch.Tensor | np.ndarray, tta: bool = False) -> np.ndarray:
+        x = batch_u8.numpy() if isinstance(batch_u8, torch.Tensor) else np.asarray(batch_u8)
+        views = range(8) if tta else (0,)
+        total = np.zeros(x.shape[0], dtype=np.float64)
+        for k in views:
+            view = dihedral_view_nhwc(x, k) if k else np.ascontiguousarray(x)
+            total += np.asarray(self._run(view), dtype=np.float64).reshape(-1)
+        return (total / len(views)).astype(np.float32)
+
+
+class OnnxBackend(_GraphBackend):
     """An exported graph (uint8 (B, H, W, 3) -> p_atypical (B,)) in an ONNX Runtime session on the
     CPU, with as many intra-op threads as torch uses, so both backends compete for the same cores."""
 
@@ -74,14 +91,38 @@ class OnnxBackend:
             raise MitotypeError(f"{path}: expected one uint8 image input (a mitotype export), got {[i.type for i in inputs]}")
         self.input_name, self.path = inputs[0].name, Path(path)
 
-    def p_atypical(self, batch_u8: torch.Tensor | np.ndarray, tta: bool = False) -> np.ndarray:
-        x = batch_u8.numpy() if isinstance(batch_u8, torch.Tensor) else np.asarray(batch_u8)
-        views = range(8) if tta else (0,)
-        total = np.zeros(x.shape[0], dtype=np.float64)
-        for k in views:
-            view = dihedral_view_nhwc(x, k) if k else np.ascontiguousarray(x)
-            total += self.session.run(None, {self.input_name: view})[0].astype(np.float64)
-        return (total / len(views)).astype(np.float32)
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+class OpenVinoBackend(_GraphBackend):
+    """The same exported ONNX graph compiled by OpenVINO for the CPU. Its CPU kernels ran this lite0
+    graph faster than ONNX Runtime's (benchmarks/RESULTS.md). ``precision`` f32 is asked for
+    explicitly (on CPUs with AMX OpenVINO would otherwise pick bf16); ``bf16`` (backend
+    ``openvino-bf16``) runs natively on CPUs with AVX-512 BF16 or AMX, where it changed the crop64
+    fold models' out-of-fold balanced accuracy by +0.001 (benchmarks/precision_oof.py); elsewhere
+    OpenVINO runs f32."""
+
+    def __init__(self, path: Path, *, threads: int | None = None, precision: str = "f32"):
+        self.name = "openvino" if precision == "f32" else f"openvino-{precision}"
+        try:
+            import openvino as ov
+        except ImportError:
+            raise MitotypeError(f"{{backend}} {self.name} needs the openvino package: pip install 'mitotype[openvino]'",
+                                options=("backend",)) from None
+        config = {"INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "INFERENCE_PRECISION_HINT": precision,
+                  "PERFORMANCE_HINT": "LATENCY"}
+        try:
+            self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        except Exception as err:  # noqa: BLE001 (OpenVINO raises its own untyped errors)
+            raise MitotypeError(f"{path}: not a usable ONNX file for OpenVINO ({str(err).strip().splitlines()[0][:160]})") from None
+        inputs = self.compiled.inputs
+        if len(inputs) != 1 or inputs[0].get_element_type().get_type_name() != "u8":
+            raise MitotypeError(f"{path}: expected one uint8 image input (a mitotype export)")
+        self.request, self.path = self.compiled.create_infer_request(), Path(path)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self.request.infer([x])[0]
 
 
 def check_backend(name: str, onnx_path: Path | None = None) -> None:
@@ -89,7 +130,7 @@ def check_backend(name: str, onnx_path: Path | None = None) -> None:
     if name not in BACKENDS:
         raise MitotypeError(f"{{backend}} '{name}': must be one of {', '.join(BACKENDS)}", options=("backend",))
     if name == "torch" and onnx_path is not None:
-        raise MitotypeError("{onnx} is read by the onnxruntime backend only; add {backend} onnxruntime",
+        raise MitotypeError("{onnx} is read by the onnxruntime and openvino backends only; add {backend} onnxruntime",
                             options=("onnx", "backend"))
 
 
@@ -97,17 +138,19 @@ def make_backend(
     name: str, models: Sequence, device: torch.device, *, onnx_path: Path | None = None, cache_dir: Path | None = None
 ) -> Backend:
     """The backend ``name`` for loaded ``models`` (:class:`LoadedModel`s): torch runs them as they
-    are; onnxruntime runs ``onnx_path`` (checked to come from these weights) or an export of them
+    are; onnxruntime and openvino run ``onnx_path`` (checked to come from these weights) or an export of them
     made once into ``cache_dir`` (default: the user cache) and reused while the weights are unchanged."""
     check_backend(name, onnx_path)
     if name == "torch":
         return TorchBackend([m.model for m in models], device)
     if device.type != "cpu":
-        raise MitotypeError(f"{{backend}} onnxruntime runs on the CPU; device '{device}' was asked (use cpu or auto)",
+        raise MitotypeError(f"{{backend}} {name} runs on the CPU; device '{device}' was asked (use cpu or auto)",
                             options=("backend",))
     from mitotype.inference.export import cached_onnx, check_export_matches
 
     if onnx_path is not None:
         check_export_matches(Path(onnx_path), models)
-        return OnnxBackend(Path(onnx_path))
-    return OnnxBackend(cached_onnx(models, cache_dir))
+    path = Path(onnx_path) if onnx_path is not None else cached_onnx(models, cache_dir)
+    if name == "onnxruntime":
+        return OnnxBackend(path)
+    return OpenVinoBackend(path, precision="bf16" if name == "openvino-bf16" else "f32")

@@ -17,8 +17,10 @@ the input contract and these checks.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -231,8 +233,18 @@ def quantize_int8(fp32: Path, int8: Path, calibration: Sequence[np.ndarray]) -> 
     batches = [patches[wrap[i : i + size]] for i in range(0, len(wrap), max(size, 1))]  # histograms need one shape
 
     class Reader(CalibrationDataReader):
+        """Batch by batch: ORT's histogram calibrators keep every activation of what one ``collect_data``
+        call reads, so a fold ensemble on 256 patches at once needs > 20 GB; one batch per call
+        (``CalibStridedMinMax``, which strides any calibrator) keeps it to one batch's activations."""
+
         def __init__(self) -> None:
-            self.items = iter(batches)
+            self.set_range(0, len(batches))
+
+        def __len__(self) -> int:
+            return len(batches)
+
+        def set_range(self, start_index: int, end_index: int) -> None:
+            self.items = iter(batches[start_index:end_index])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self.items, None)
@@ -246,9 +258,10 @@ def quantize_int8(fp32: Path, int8: Path, calibration: Sequence[np.ndarray]) -> 
         nodes = list(onnx.load(str(prepared)).graph.node)
         first_conv = next((i for i, n in enumerate(nodes) if n.op_type == "Conv"), 0)
         keep = [n.name for n in nodes[: first_conv + 1]] + [n.name for n in nodes if n.op_type in ("Gemm", "MatMul", "Add")]
-        quantize_static(str(prepared), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep,
-                        calibrate_method=CalibrationMethod.Percentile)
+        with contextlib.redirect_stdout(io.StringIO()):  # ORT's calibrators print a line per batch
+            quantize_static(str(prepared), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep,
+                            calibrate_method=CalibrationMethod.Percentile, extra_options={"CalibStridedMinMax": 1})
 
 
 def calibration_batches(
@@ -266,25 +279,44 @@ def calibration_batches(
     return [store.batch(np.arange(s, min(s + batch_size, len(store)))).numpy() for s in range(0, len(store), batch_size)]
 
 
-def score_backends(
-    backends: dict[str, Any], data: Path, models: Sequence[LoadedModel], *, batch_size: int = 64,
-    progress: Callable[[int], None] | None = None,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Labels of ``data`` and each backend's p_atypical on it, every batch decoded once for all backends."""
-    from mitotype.data.images import iter_batches
+def labelled_check_data(data: Path) -> Any:
+    """The manifest of ``--check-data``: labelled patches of both classes, else one line naming it."""
     from mitotype.data.manifest import UNLABELLED
     from mitotype.data.readers import read_dataset
 
     manifest = read_dataset(data, require_labels=True).manifest
     if manifest.empty or (manifest["label"] == UNLABELLED).any() or manifest["label"].nunique() < 2:
         raise MitotypeError(f"{{check_data}} {data}: needs labelled patches of both classes", options=("check_data",))
-    p = {name: np.full(len(manifest), np.nan) for name in backends}
-    for index, batch in iter_batches(manifest["path"].tolist(), batch_size, models[0].patch_size, models[0].size_policy):
+    return manifest
+
+
+def score_backends(
+    backends: dict[str, Any], paths: Sequence[str], models: Sequence[LoadedModel], *, batch_size: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Each backend's p_atypical on the patches at ``paths``, every batch decoded once for all backends."""
+    from mitotype.data.images import iter_batches
+
+    p = {name: np.full(len(paths), np.nan) for name in backends}
+    for index, batch in iter_batches(list(paths), batch_size, models[0].patch_size, models[0].size_policy):
         for name, backend in backends.items():
             p[name][index] = backend.p_atypical(batch)
         if progress:
             progress(len(index))
-    return manifest["label"].to_numpy().astype(int), p
+    return p
+
+
+def out_of_fold(manifest: Any, members: int, data: Path) -> bool:
+    """Whether ``--check-data`` is a cv run's ``splits.csv`` for this fold ensemble: a ``fold`` column
+    naming exactly its members 0..K-1. Then each member is scored on its own held-out rows only, so
+    the gate measures out-of-fold accuracy (every other row trained some member of the ensemble)."""
+    if "fold" not in manifest.columns or members < 2:
+        return False
+    folds = set(manifest["fold"].dropna().astype(int))
+    if manifest["fold"].isna().any() or folds != set(range(members)):
+        raise MitotypeError(f"{{check_data}} {data}: column fold holds {sorted(folds)}, not the ensemble's {members} folds "
+                            f"0..{members - 1} (pass the splits.csv of the cv run this ensemble came from)", options=("check_data",))
+    return True
 
 
 def int8_gate(fp32_bacc: float, int8_bacc: float, out: Path | None = None) -> dict[str, Any]:
@@ -301,27 +333,55 @@ def _int8(
     fp32: Path, models: Sequence[LoadedModel], tmp: Path, check_data: Path, calib_data: Path, *, calib_n: int, batch_size: int,
     progress: Callable[[int], None] | None, out: Path,
 ) -> tuple[Path, dict[str, Any]]:
+    """Quantize, then score fp32 and int8 on the check data at the stored threshold(s) and apply the gate.
+
+    With a cv run's ``splits.csv`` as check data each member is exported and quantized alone, with
+    the same calibration patches as the ensemble (per-tensor ranges, so its part of the int8 ensemble
+    is the same graph), and scored on its own fold at its own threshold: out-of-fold accuracy, pooled.
+    """
     from mitotype.evaluation.metrics import binary_metrics
-    from mitotype.inference.backends import OnnxBackend
     from mitotype.inference.predict import ensemble_threshold
 
     made = tmp / "model.int8.onnx"
     calibration = calibration_batches(calib_data, models, calib_n)
     quantize_int8(fp32, made, calibration)
+    manifest = labelled_check_data(check_data)
+    y, oof = manifest["label"].to_numpy().astype(int), out_of_fold(manifest, len(models), check_data)
+    p = {name: np.full(len(y), np.nan) for name in ("fp32", "int8")}
+    calls = {name: np.zeros(len(y), bool) for name in p}
+    parts = [(np.flatnonzero(manifest["fold"].to_numpy() == k), [m], tmp / f"fold_{k}") for k, m in enumerate(models)] if oof \
+        else [(np.arange(len(y)), list(models), None)]
+    for rows, members, stem in parts:
+        files = {"fp32": fp32, "int8": made}
+        if stem is not None:
+            files = {"fp32": stem.with_suffix(".onnx"), "int8": stem.with_suffix(".int8.onnx")}
+            graph, size = _graph(members)
+            write_onnx(graph, size, files["fp32"])
+            quantize_int8(files["fp32"], files["int8"], calibration)
+        got = _run_int8(files, manifest["path"].iloc[rows].tolist(), members, batch_size=batch_size, progress=progress, out=out)
+        for name in p:
+            p[name][rows] = got[name]
+            calls[name][rows] = got[name] >= ensemble_threshold(members)
+    fp, q = (binary_metrics(y, calls[k].astype(float), 0.5)["balanced_accuracy"] for k in ("fp32", "int8"))
+    verdict = int8_gate(fp, q, out)
+    verdict.update(check_data=str(check_data), n=int(len(y)), threshold=ensemble_threshold(list(models)), out_of_fold=oof,
+                   calib_data=str(calib_data), calib_n=sum(len(b) for b in calibration),
+                   max_abs_diff_vs_fp32=float(np.nanmax(np.abs(p["fp32"] - p["int8"]))))
+    return made, verdict
+
+
+def _run_int8(files: dict[str, Path], paths: list[str], models: Sequence[LoadedModel], *, batch_size: int,
+              progress: Callable[[int], None] | None, out: Path) -> dict[str, np.ndarray]:
+    from mitotype.inference.backends import OnnxBackend
+
     try:
-        y, p = score_backends({"fp32": OnnxBackend(fp32), "int8": OnnxBackend(made)}, check_data, models, batch_size=batch_size,
+        return score_backends({name: OnnxBackend(f) for name, f in files.items()}, paths, models, batch_size=batch_size,
                               progress=progress)
     except MitotypeError:
         raise
     except Exception as err:  # noqa: BLE001 (ONNX Runtime's int8 kernels refuse some tiny feature maps, e.g. lite0 at 32 px)
         reason = str(err).splitlines()[0][:160]
         raise MitotypeError(f"{out}: the int8 graph does not run in ONNX Runtime ({reason}); export fp32") from None
-    t = ensemble_threshold(list(models))
-    fp, q = (binary_metrics(y, p[k], t)["balanced_accuracy"] for k in ("fp32", "int8"))
-    verdict = int8_gate(fp, q, out)
-    verdict.update(check_data=str(check_data), n=int(len(y)), threshold=t, calib_data=str(calib_data),
-                   calib_n=sum(len(b) for b in calibration), max_abs_diff_vs_fp32=float(np.nanmax(np.abs(p["fp32"] - p["int8"]))))
-    return made, verdict
 
 
 # ---------------------------------------------------------------------------------------------

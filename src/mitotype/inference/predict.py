@@ -13,7 +13,7 @@ import torch
 from mitotype.data.images import iter_batches
 from mitotype.data.manifest import LABEL_NAMES, UNLABELLED
 from mitotype.errors import MitotypeError
-from mitotype.inference.backends import Backend, TorchBackend, check_backend, make_backend
+from mitotype.inference.backends import GRAPH_BACKENDS, Backend, TorchBackend, check_backend, make_backend
 from mitotype.inference.engine import predict_batch, resolve_device  # noqa: F401 (predict_batch: re-exported)
 from mitotype.models.artifact import LoadedModel, load_ensemble
 
@@ -90,7 +90,7 @@ def predict_path(
     write the prediction table and its HTML report (:func:`report_html_path`) atomically and return
     the table. ``out_csv`` is checked before any work;
     images skipped with ``skip_bad`` are listed in :func:`skipped_csv_path` beside it. ``backend``
-    torch or onnxruntime (``onnx``: an exported file of this model, else one exported into the cache)."""
+    torch, onnxruntime or openvino (``onnx``: an exported file of this model, else one exported into the cache)."""
     from mitotype._io import check_output_file, write_csv
     from mitotype.data.readers import read_dataset
 
@@ -99,7 +99,7 @@ def predict_path(
     check_output_file(report_html_path(out_csv), "out_csv")
     if threshold is not None:
         ensemble_threshold([], threshold)  # a bad threshold is refused before the models load
-    if backend == "onnxruntime" and device == "auto":
+    if backend in GRAPH_BACKENDS and device == "auto":
         device = "cpu"
     check_backend(backend, onnx)  # bad options are refused before the models load
     models, dev = load_models(model_path, device)

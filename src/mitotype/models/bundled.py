@@ -37,12 +37,14 @@ def bundle_info() -> dict[str, Any]:
     return json.loads((bundled_model_dir() / BUNDLE_INFO).read_text())
 
 
-def bundle_run(run: Path, out: Path, *, command: str = "", half: bool = True) -> dict[str, Any]:
+def bundle_run(run: Path, out: Path, *, command: str = "", half: bool = True, domain_run: Path | None = None) -> dict[str, Any]:
     """Copy the fold models of cv run ``run`` into ``out`` (weights in float16 when ``half``), with
-    each card converted to the current format and ``bundle.json`` summarising the run."""
+    each card converted to the current format and ``bundle.json`` summarising the run; ``domain_run``,
+    the same recipe's leave-one-source-out cv run (``--group-by``), adds its per-source figures."""
     folds = model_dirs(run)
     summary_path = Path(run) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    held = _per_source(Path(domain_run), summary.get("recipe")) if domain_run is not None else None
     staging = Path(out).with_name(Path(out).name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     for i, folder in enumerate(folds):
@@ -61,11 +63,23 @@ def bundle_run(run: Path, out: Path, *, command: str = "", half: bool = True) ->
         "recipe": summary.get("recipe"), "cv": {k: summary.get(k) for k in ("folds", "n", "n_atypical", "groups", "mean", "sd", "out_of_fold", "per_fold")},
         "bytes": sum(p.stat().st_size for p in staging.rglob("*") if p.is_file()),
     }
+    if held is not None:
+        info["leave_one_source_out"] = held
     write_json(staging / BUNDLE_INFO, info)
     if Path(out).exists():
         shutil.rmtree(out)
     staging.rename(out)
     return info
+
+
+def _per_source(domain_run: Path, recipe: str | None) -> dict[str, Any]:
+    """Each held-out source's figures from the recipe's leave-one-source-out cv run, checked first."""
+    held = json.loads((domain_run / "summary.json").read_text())
+    if held.get("recipe") != recipe or not held.get("group_by"):
+        raise MitotypeError(f"{domain_run}: not a leave-one-source-out run (--group-by) of recipe {recipe}")
+    keys = ("n", "balanced_accuracy", "roc_auc", "sensitivity", "specificity")
+    return {"source_run": str(domain_run), "group_by": held["group_by"],
+            "per_source": {f["held_out"]: {k: f[k] for k in keys} for f in held["per_fold"]}}
 
 
 def half_precision_gap(run: Path, bundle: Path, images: torch.Tensor) -> float:

@@ -21,8 +21,7 @@ from torch import nn
 from mitotype.config import ModelConfig
 from mitotype.errors import MitotypeError
 from mitotype.models.blocks import NonLocalBlock, SqueezeExcite, build_neck, positive_int_option
-from mitotype.models.pretrained import create_backbone
-from mitotype.models.registry import MitotypeModel, center_crop, check_options, freeze_leading_groups, register_model, resize
+from mitotype.models.registry import MitotypeModel, build_backbone, center_crop, check_options, freeze_leading_groups, register_model, resize
 from mitotype.transforms.stain import rgb_to_hed
 
 FINAL = "final"  # attention_stage naming the backbone's final feature map (before pooling)
@@ -61,7 +60,7 @@ def timm_attention(cfg: ModelConfig, pretrained: bool = True) -> MitotypeModel:
     stage = cfg.options.get("attention_stage", FINAL)
     if not isinstance(stage, str) or not stage:
         raise MitotypeError(f"config model.options.attention_stage: {stage!r} must be a submodule name of the backbone or '{FINAL}'")
-    backbone, norm = _backbone(cfg, pretrained)
+    backbone, norm = build_backbone(cfg, pretrained)
     stage_shape, final_shape = _probe(backbone, cfg.input_size, None if stage == FINAL else stage, cfg.backbone)
     se = SqueezeExcite(final_shape[1], reduction)
     attention = NonLocalBlock((stage_shape or final_shape)[1])
@@ -69,12 +68,6 @@ def timm_attention(cfg: ModelConfig, pretrained: bool = True) -> MitotypeModel:
     return AttentionModel(backbone, list(cfg.heads), norm, cfg.input_size, se=se, attention=attention, stage=stage,
                           drop_rate=cfg.drop_rate, reduce_heads=cfg.reduce_heads, center_crop=cfg.center_crop,
                           neck=build_neck(cfg.options, backbone.num_features))
-
-
-def _backbone(cfg: ModelConfig, pretrained: bool) -> tuple[nn.Module, Any]:
-    source = cfg.pretrained if pretrained else "none"
-    kwargs = {"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate else {}
-    return create_backbone(cfg.backbone, source, **kwargs, **cfg.kwargs)
 
 
 @torch.no_grad()
@@ -146,7 +139,7 @@ def context_stain(cfg: ModelConfig, pretrained: bool = True) -> MitotypeModel:
         raise MitotypeError(f"config model.options.context_crop: {crop} must be at least 8 px")
     if "in_chans" in cfg.kwargs:
         raise MitotypeError("config model.kwargs.in_chans: arch context-stain sets the input channels itself (6: RGB + HED)")
-    backbone, norm = _backbone(cfg, pretrained)
+    backbone, norm = build_backbone(cfg, pretrained)
     widen_input(backbone, 6, cfg.backbone)
     freeze_leading_groups(backbone, cfg.freeze_groups)
     return ContextStainModel(backbone, list(cfg.heads), norm, cfg.input_size, context_crop=crop,

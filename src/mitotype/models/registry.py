@@ -9,8 +9,9 @@ saved model needs nothing but uint8 patches and cannot be fed with the wrong sta
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,7 +20,6 @@ from mitotype.config import HeadConfig, ModelConfig, validate_model_config
 from mitotype.errors import MitotypeError
 from mitotype.models.blocks import build_neck
 from mitotype.models.pretrained import Normalization, create_backbone
-
 
 Head = HeadConfig  # a head is configuration: name, target column, classes, loss weight, positive classes
 
@@ -157,13 +157,26 @@ def create_model(cfg: ModelConfig, pretrained: bool = True) -> MitotypeModel:
 @register_model("timm")
 def timm_classifier(cfg: ModelConfig, pretrained: bool = True) -> MitotypeModel:
     """Any timm backbone, pooled features, dropout, the configured heads; ``model.kwargs`` go to timm."""
-    source = cfg.pretrained if pretrained else "none"
-    kwargs = {"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate else {}
     check_options(cfg, TIMM_OPTIONS)
-    backbone, norm = create_backbone(cfg.backbone, source, **kwargs, **cfg.kwargs)
+    backbone, norm = build_backbone(cfg, pretrained)
     freeze_leading_groups(backbone, cfg.freeze_groups)
     return MitotypeModel(backbone, list(cfg.heads), norm, cfg.input_size, drop_rate=cfg.drop_rate, reduce_heads=cfg.reduce_heads,
                          center_crop=cfg.center_crop, neck=build_neck(cfg.options, backbone.num_features))
+
+
+def build_backbone(cfg: ModelConfig, pretrained: bool = True) -> tuple[nn.Module, Normalization]:
+    """``cfg.backbone`` from its weight source, with drop-path and ``model.kwargs``, built for ``model.input_size``.
+
+    ViTs, Swins and the like fix their input size when built (position embeddings, attention windows;
+    timm marks them ``fixed_input_size``), so they are built at ``model.input_size`` (``img_size``,
+    timm resamples pretrained position embeddings) and ``--set model.input_size=N`` works for them as
+    it does for CNNs. An ``img_size`` in ``model.kwargs`` wins.
+    """
+    kwargs = {"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate else {}
+    timm_cfg = timm.models.get_pretrained_cfg(cfg.backbone) if timm.is_model(cfg.backbone) else None
+    if timm_cfg is not None and timm_cfg.fixed_input_size and "img_size" not in cfg.kwargs:
+        kwargs["img_size"] = cfg.input_size
+    return create_backbone(cfg.backbone, cfg.pretrained if pretrained else "none", **kwargs, **cfg.kwargs)
 
 
 TIMM_OPTIONS = ("neck_dim",)  # model.options of arch timm: neck_dim adds a shared Linear -> ReLU layer before the heads

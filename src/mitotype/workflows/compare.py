@@ -22,10 +22,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from mitotype._io import check_output_dir, write_csv, write_text
-from mitotype.config import Config, dump_config, first_difference, load_config
+from mitotype.config import Config, config_change, load_config
 from mitotype.errors import MitotypeError
 from mitotype.evaluation.plots import plot_metric_bars
 from mitotype.inference.engine import predict_batch, resolve_device
@@ -65,10 +64,7 @@ def run_state(run_dir: Path, cfg: Config, folds: int, data: Dataset) -> tuple[st
         return "new", ""
     if not (run_dir / "config.yaml").is_file():
         raise MitotypeError(f"{run_dir}: not a cv run (no config.yaml); move it away or choose another {{out_dir}}", options=("out_dir",))
-    old, new = (yaml.safe_load(text) or {} for text in ((run_dir / "config.yaml").read_text(), dump_config(cfg)))
-    for values in (old, new):
-        values.get("train", {}).pop("device", None)  # where it ran does not change what it learned
-    if changed := first_difference(old, new):
+    if changed := config_change(run_dir / "config.yaml", cfg):
         return "replace", f"config changed ({changed})"
     splits = run_dir / "splits.csv"
     if splits.is_file():

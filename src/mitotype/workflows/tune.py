@@ -264,7 +264,9 @@ def tune(recipe: str, data: Dataset, out: Path, *, trials: int, folds: int = 5, 
     while finished() < trials:  # one at a time, so a requeued trial that fails again stops the loop with its error
         study.optimize(objective, n_trials=1, callbacks=[after])
         ran += 1
-    best_yaml = write_outputs(study, recipe, out, overrides)
+    if ran == 0:  # every trial had finished before: outputs from this study's state (the callback wrote them otherwise)
+        write_outputs(study, recipe, out, overrides)
+    best_yaml = out / "best.yaml" if (out / "best.yaml").is_file() else None
     complete = study.get_trials(deepcopy=False, states=(state.COMPLETE,))
     best = max(complete, key=lambda t: t.value) if complete else None
     return TuneResult(ran, len(complete), len(study.get_trials(deepcopy=False, states=(state.PRUNED,))),
