@@ -31,6 +31,7 @@ def cv_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     data = write_class_folders(root / "data")
     result = mitotype("cv", "--data", str(data), "--folds", "3", "--out", str(root / "cv"), *sets("train.epochs=1"))
     assert result.returncode == 0, result.stderr
+    (root / "cv.stdout").write_text(result.stdout)
     return data, root / "cv"
 
 
@@ -41,6 +42,9 @@ def test_cv_prints_the_summary(cv_run: tuple[Path, Path]) -> None:
     per_fold = [f["balanced_accuracy"] for f in summary["per_fold"]]
     assert summary["mean"]["balanced_accuracy"] == pytest.approx(sum(per_fold) / 3)
     assert sum(f["n"] for f in summary["per_fold"]) == 40  # every patch held out exactly once
+    refit = summary["cross_fitted_threshold"]["mean"]["balanced_accuracy"]
+    printed = (run.parent / "cv.stdout").read_text()
+    assert "threshold from the other folds" in printed and f"{refit:.3f} ±" in printed
 
 
 def test_evaluate_a_fold_ensemble(cv_run: tuple[Path, Path], tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from mitotype.errors import MitotypeError
 from mitotype.evaluation import (
     METRIC_NAMES,
     best_threshold,
+    cross_fitted_thresholds,
     binary_metrics,
     bootstrap_intervals,
     evaluate_predictions,
@@ -126,6 +127,19 @@ def test_best_threshold_separates_separable_data():
     y2, p2 = _random()
     t2 = best_threshold(y2, p2)
     assert binary_metrics(y2, p2, t2)["balanced_accuracy"] >= binary_metrics(y2, p2, 0.5)["balanced_accuracy"]
+
+
+def test_cross_fitted_thresholds_come_from_the_other_folds_only():
+    # fold 0 separates at 0.8, fold 1 at 0.3: each fold's threshold is the other fold's optimum
+    y = np.array([0, 0, 1, 1, 0, 0, 1, 1])
+    p = np.array([0.6, 0.7, 0.85, 0.9, 0.1, 0.2, 0.35, 0.4])
+    fold = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    t = cross_fitted_thresholds(y, p, fold)
+    assert t == {0: best_threshold(y[4:], p[4:]), 1: best_threshold(y[:4], p[:4])}
+    assert t[0] == 0.35 and t[1] == 0.85
+    assert binary_metrics(y[:4], p[:4], t[0])["balanced_accuracy"] == 0.5  # honest: fold 0 is not scored at its own optimum
+    with pytest.raises(MitotypeError, match="fold has 3 values for 8"):
+        cross_fitted_thresholds(y, p, fold[:3])
 
 
 def test_summarize_folds_mean_sd():

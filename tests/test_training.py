@@ -11,6 +11,7 @@ import torch
 
 from mitotype.config import LossConfig, load_config
 from mitotype.errors import MitotypeError
+from mitotype.evaluation.metrics import best_threshold, binary_metrics
 from mitotype.models.registry import Head
 from mitotype.training.checkpoint import load_checkpoint
 from mitotype.training.loop import Interrupted, epoch_order, fit
@@ -254,6 +255,11 @@ def test_cv_writes_oof_predictions_and_resumes_finished_folds(amibr: Path, tiny:
     assert oof["p_atypical"].between(0, 1).all() and set(oof["fold"]) == {0, 1, 2}
     assert oof.groupby("group")["fold"].nunique().max() == 1
     assert len(summary["per_fold"]) == 3 and set(summary["mean"]) >= {"balanced_accuracy", "roc_auc"}
+    fitted = summary["cross_fitted_threshold"]
+    others = [best_threshold(oof["label"][oof["fold"] != k], oof["p_atypical"][oof["fold"] != k]) for k in range(3)]
+    assert fitted["thresholds"] == pytest.approx(others)
+    at_k = [binary_metrics(oof["label"][oof["fold"] == k], oof["p_atypical"][oof["fold"] == k], others[k])["balanced_accuracy"] for k in range(3)]
+    assert fitted["mean"]["balanced_accuracy"] == pytest.approx(np.mean(at_k))
     for name in ("summary.json", "splits.csv", "oof/metrics.json", "oof/roc.png", "fold_2/model.safetensors"):
         assert (tmp_path / "cv" / name).is_file(), name
     card = json.loads((tmp_path / "cv" / "fold_1" / "model.json").read_text())
@@ -489,3 +495,16 @@ def test_threshold_auto_is_the_best_threshold_on_the_validation_rows(amibr: Path
     result = fit(cfg, ds.manifest, ds.store, tmp_path / "run", rows[rows % 3 != 0], rows[rows % 3 == 0], show_progress=False)
     val = result.val_predictions
     assert result.threshold == best_threshold(val["label"].to_numpy(), val["p_atypical"].to_numpy()) != 0.5
+
+
+def test_a_model_that_trains_its_backbone_reads_pixels_even_with_augmentation_off(amibr: Path, tiny: list[str], tmp_path: Path) -> None:
+    from mitotype.models.registry import create_model
+    from mitotype.training.features import feature_view
+
+    off = ["augment.flip=false", "augment.rot90=false", "augment.rotate_degrees=0", "augment.p=0"]
+    cfg, ds = _data(amibr, tiny, *off)
+    assert cfg.augment.is_identity
+    model = create_model(cfg.model)
+    assert not model.frozen_backbone  # its features change every step: caching them would train on stale features
+    assert feature_view(cfg, model, ds.store, cache_dir=tmp_path / "features", device=torch.device("cpu")) is ds.store
+    assert not (tmp_path / "features").exists()

@@ -483,10 +483,12 @@ def _fmt(value) -> str:
 
 
 def _print_cv(summary: dict, out_dir: Path) -> None:
-    table = Table("metric", "mean ± sd over folds", "out-of-fold (pooled)")
+    from mitotype.workflows.compare import pm
+
+    table = Table("metric", "mean ± sd over folds", "out-of-fold (pooled)", "threshold from the other folds")
+    refit = summary["cross_fitted_threshold"]
     for m in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity", "precision", "f1"):
-        mean, sd = summary["mean"][m], summary["sd"][m]
-        table.add_row(m, "–" if mean is None else f"{mean:.3f} ± {sd:.3f}", _fmt(summary["out_of_fold"][m]))
+        table.add_row(m, pm(summary["mean"][m], summary["sd"][m]), _fmt(summary["out_of_fold"][m]), pm(refit["mean"][m], refit["sd"][m]))
     out.print(table)
     if summary.get("group_by"):
         held = Table("held out", "patches", "balanced accuracy", "AUROC")

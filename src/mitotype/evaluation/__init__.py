@@ -5,6 +5,7 @@ from mitotype.evaluation.metrics import (
     best_threshold,
     binary_metrics,
     bootstrap_intervals,
+    cross_fitted_thresholds,
     summarize_folds,
 )
 from mitotype.evaluation.plots import plot_confusion, plot_roc
@@ -15,6 +16,7 @@ __all__ = [
     "best_threshold",
     "binary_metrics",
     "bootstrap_intervals",
+    "cross_fitted_thresholds",
     "evaluate_predictions",
     "markdown_table",
     "plot_confusion",

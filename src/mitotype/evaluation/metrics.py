@@ -286,6 +286,20 @@ def bootstrap_intervals(
 # cross-validation
 
 
+def cross_fitted_thresholds(y_true: np.ndarray, p_atypical: np.ndarray, fold: np.ndarray) -> dict[int, float]:
+    """For each fold, the ``best_threshold`` of the out-of-fold predictions of the *other* folds.
+
+    Scoring a fold at a threshold chosen on the other folds measures honestly what choosing the
+    threshold on out-of-fold predictions is worth on unseen slides; the threshold picked on all of
+    them (``out_of_fold_best_threshold``) is optimistic, since it has seen the rows it is scored on.
+    """
+    y, p = check_inputs(y_true, p_atypical)
+    fold = np.asarray(fold)
+    if fold.shape != y.shape:
+        raise MitotypeError(f"fold has {fold.size} values for {y.size} predictions")
+    return {int(k): best_threshold(y[fold != k], p[fold != k]) for k in np.unique(fold)}
+
+
 def summarize_folds(fold_metrics: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """{metric: {"mean", "sd", "values"}} across folds, so CV results read as mean ± sd.
 

@@ -88,7 +88,7 @@ def grad_cams(nets: Sequence[MitotypeModel], images: torch.Tensor, classes: Sequ
     b, _, h, w = images.shape
     total = np.zeros((b, h, w), dtype=np.float32)
     for net in nets:
-        if not getattr(net, "single_view", True):  # a CAM of a backbone run on two views at once mixes them
+        if not net.single_view:  # a CAM of a backbone run on two views at once mixes them
             raise MitotypeError(f"explain: a {type(net).__name__} feeds several views of a patch through its backbone; "
                                 "Grad-CAM supports single-view models only")
         top = left = 0

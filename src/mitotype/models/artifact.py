@@ -57,7 +57,7 @@ def save_model(model: MitotypeModel, cfg: Config, out_dir: Path, threshold: floa
 
     Weights that are not finite (a diverged run) are refused: such a model is never saved as done.
     """
-    state = {k: v.detach().to("cpu").contiguous() for k, v in trained_state(model).items()}
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.saved_state_dict().items()}
     broken = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
     if broken is not None:
         raise MitotypeError(f"{out_dir}: the trained weights are not finite (e.g. {broken}); the model was not saved, lower train.lr")
@@ -86,19 +86,6 @@ def save_model(model: MitotypeModel, cfg: Config, out_dir: Path, threshold: floa
         },
     }
     write_json(out_dir / CARD_NAME, card)
-
-
-def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint or artifact carries: all of them, unless the model names fewer with
-    ``saved_state_dict()`` (a foundation model leaves out the backbone its card names the source of)."""
-    own = getattr(model, "saved_state_dict", None)
-    return own() if own is not None else model.state_dict()
-
-
-def load_trained_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load what :func:`trained_state` wrote; the rest of such a model was built from its source."""
-    own = getattr(model, "load_saved_state_dict", None)
-    own(state) if own is not None else model.load_state_dict(state)
 
 
 def _command() -> str:
@@ -149,7 +136,7 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
     image = card["build"]["views"]["image"]
     model.set_normalization(Normalization(tuple(image["mean"]), tuple(image["std"])))
     try:
-        load_trained_state(model, load_file(str(weights_path)))
+        model.load_saved_state_dict(load_file(str(weights_path)))
     except Exception as err:  # noqa: BLE001
         raise MitotypeError(f"{weights_path}: weights do not fit the card's model ({str(err).splitlines()[0][:160]})") from None
     model = model.to(device).to(memory_format=torch.channels_last).eval()

@@ -28,8 +28,27 @@ class MitotypeModel(nn.Module):
     """Backbone -> pooled features -> one linear layer per head; preprocessing inside ``forward``.
 
     ``reduce_heads`` names the heads whose positive-class probabilities are averaged into
-    ``p_atypical`` (one ``label`` head today; per-expert heads in later recipes).
+    ``p_atypical`` (one ``label`` head, or one per expert's vote).
+
+    The class attributes and methods below are the contract the loop, the artifact writer and
+    Grad-CAM rely on; subclasses override them (a foundation probe's backbone is frozen and does not
+    travel with its weights, the context-stain model feeds two views through its backbone).
     """
+
+    single_view = True  # one view of the patch goes through the backbone: Grad-CAM can explain it
+
+    @property
+    def frozen_backbone(self) -> bool:
+        """The backbone never trains, so its features can be computed once and cached."""
+        return False
+
+    def saved_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint or artifact carries (all of them here)."""
+        return self.state_dict()
+
+    def load_saved_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`saved_state_dict` wrote."""
+        self.load_state_dict(state)
 
     def __init__(
         self, backbone: nn.Module, heads: list[HeadConfig], norm: Normalization, input_size: int, *,

@@ -27,6 +27,7 @@ from mitotype._io import atomic_path
 from mitotype.config import Config
 from mitotype.data.images import ImageStore
 from mitotype.errors import MitotypeError
+from mitotype.models.registry import MitotypeModel
 from mitotype.progress import console
 from mitotype.transforms.batch import build_batch
 
@@ -50,10 +51,10 @@ class FeatureStore:
         return FeatureStore(self.array, self.rows[np.asarray(index)])
 
 
-def feature_view(cfg: Config, model: nn.Module, store: ImageStore, *, cache_dir: Path, device: torch.device) -> ImageStore | FeatureStore:
+def feature_view(cfg: Config, model: MitotypeModel, store: ImageStore, *, cache_dir: Path, device: torch.device) -> ImageStore | FeatureStore:
     """The store the loop reads: cached features where the model's backbone is frozen and augmentation is
     off, else ``store`` itself. The cache lives in ``data.cache_dir`` when set, else in ``cache_dir``."""
-    if not getattr(model, "frozen_backbone", False):
+    if not model.frozen_backbone:
         return store
     if not cfg.augment.is_identity:
         warnings.warn("a frozen backbone with augmentation on: features are recomputed every step; turn augment off to cache them", stacklevel=2)

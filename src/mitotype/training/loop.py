@@ -28,7 +28,7 @@ from mitotype.data.images import ImageStore
 from mitotype.evaluation.metrics import best_threshold, binary_metrics
 from mitotype.errors import MitotypeError
 from mitotype.inference.engine import predict_batch, resolve_device
-from mitotype.models.artifact import CARD_NAME, load_trained_state, save_model, trained_state
+from mitotype.models.artifact import CARD_NAME, save_model
 from mitotype.progress import console, progress_bar
 from mitotype.models.registry import MitotypeModel, create_model
 from mitotype.training.checkpoint import load_checkpoint, save_checkpoint
@@ -145,7 +145,7 @@ def fit(
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     if resume and ckpt_path.is_file():
         state = load_checkpoint(ckpt_path)
-        load_trained_state(model, state["model"])
+        model.load_saved_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -157,7 +157,7 @@ def fit(
         console.log(f"resumed {run_dir} at epoch {start_epoch}/{t.epochs}")
         best_state = state.get("best_model")
         if ema is not None:
-            load_trained_state(ema.module, state["ema"])
+            ema.module.load_saved_state_dict(state["ema"])
 
     started = time.perf_counter()
     progress = progress_bar("patches", show_progress, extra="loss")
@@ -196,25 +196,25 @@ def fit(
                 record.update({f"val_{k}": metrics[k] for k in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")})
                 if metrics["balanced_accuracy"] > best["score"]:
                     best = {"score": metrics["balanced_accuracy"], "epoch": epoch + 1, "bad_epochs": 0}
-                    best_state = {k: v.detach().cpu().clone() for k, v in trained_state(scored).items()}
+                    best_state = {k: v.detach().cpu().clone() for k, v in scored.saved_state_dict().items()}
                 else:
                     best["bad_epochs"] += 1
             history.append(record)
             progress.update(task, description=f"epoch {epoch + 1}/{t.epochs}", loss=_describe(record))
             save_checkpoint(ckpt_path, {
-                "epoch": epoch + 1, "model": trained_state(model), "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1, "model": model.saved_state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "best": best, "best_model": best_state, "history": history,
-                "ema": trained_state(ema.module) if ema is not None else None,
+                "ema": ema.module.saved_state_dict() if ema is not None else None,
                 "rng": {"torch": torch.get_rng_state(), "sampler": sample_gen.get_state(), "augment": augment_gen.get_state(),
                         "cuda": torch.cuda.get_rng_state_all() if on_cuda else []},
             })
             if t.keep_epoch_checkpoints:
-                _save_weights(run_dir / "checkpoints" / f"epoch_{epoch + 1:03d}.safetensors", trained_state(scored))
+                _save_weights(run_dir / "checkpoints" / f"epoch_{epoch + 1:03d}.safetensors", scored.saved_state_dict())
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < t.epochs:
                 raise Interrupted(f"stopped after epoch {epoch + 1} as asked")
 
     if best_state is not None or ema is not None:  # the best validated weights, else the average
-        load_trained_state(model, best_state if best_state is not None else trained_state(ema.module))
+        model.load_saved_state_dict(best_state if best_state is not None else ema.module.saved_state_dict())
     write_csv(run_dir / "history.csv", pd.DataFrame(history))
     return _finish(cfg, manifest, store, run_dir, model, history, train_idx, val_idx, device, time.perf_counter() - started)
 

@@ -28,7 +28,7 @@ from mitotype.data.manifest import require_labels
 from mitotype.data.readers import read_dataset
 from mitotype.data.splits import grouped_folds, read_split_file, train_val_split, training_rows
 from mitotype.errors import MitotypeError
-from mitotype.evaluation.metrics import METRIC_NAMES, best_threshold, binary_metrics, summarize_folds
+from mitotype.evaluation.metrics import METRIC_NAMES, best_threshold, binary_metrics, cross_fitted_thresholds, summarize_folds
 from mitotype.evaluation.report import write_evaluation
 from mitotype.inference.engine import resolve_device
 from mitotype.models.artifact import add_card_metrics, load_model
@@ -225,6 +225,8 @@ def cross_validate(
     y, p_oof = oof["label"].to_numpy(), oof["p_atypical"].to_numpy()
     tuned = best_threshold(y, p_oof)
     spread = summarize_folds(fold_metrics)
+    fitted = cross_fitted_thresholds(y, p_oof, oof["fold"].to_numpy())
+    refit = summarize_folds([binary_metrics(y[oof["fold"] == f], p_oof[oof["fold"] == f], t) for f, t in fitted.items()])
     summary = {
         "recipe": cfg.recipe,
         "folds": k,
@@ -239,6 +241,9 @@ def cross_validate(
         "out_of_fold": {m: pooled[m] for m in (*METRIC_NAMES, "threshold")},  # pooled at the folds' mean threshold
         "out_of_fold_ci95": pooled.get("ci95", {}),
         "out_of_fold_best_threshold": {"threshold": tuned, **{m: binary_metrics(y, p_oof, tuned)[m] for m in METRIC_NAMES}},
+        # each fold scored at the threshold that is best on the other folds' out-of-fold predictions
+        "cross_fitted_threshold": {"thresholds": list(fitted.values()), "mean": {m: v["mean"] for m, v in refit.items()},
+                                   "sd": {m: v["sd"] for m, v in refit.items()}},
         "wall_seconds": round(time.perf_counter() - started, 1),
         "device": str(device),
     }
