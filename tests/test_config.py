@@ -71,6 +71,7 @@ def test_saved_config_roundtrips() -> None:
         ("train.sampler=weird", "not one of balanced, shuffle"),
         ("augment.hue=0.9", "augment.hue must be in"),
         ("train.threshold=1.5", "must be in"),
+        ("train.threshold=best", r"'best' must be a number in \(0, 1\), 'auto' or 'oof'"),
         ("noequals", "section.field=value"),
         ("loss.label_smoothing=1.5", "out of range"),
         ("train.lr=-1", "out of range"),

@@ -268,6 +268,25 @@ def test_cv_writes_oof_predictions_and_resumes_finished_folds(amibr: Path, tiny:
         cross_validate(cfg, ds, 4, tmp_path / "cv", resume=True, n_boot=50, show_progress=False)
 
 
+def test_cv_threshold_oof_gives_each_fold_the_threshold_best_on_the_other_folds(amibr: Path, tiny: list[str], tmp_path: Path) -> None:
+    cfg, ds = _data(amibr, tiny, "train.epochs=1", "train.threshold=oof")
+    summary = cross_validate(cfg, ds, 3, tmp_path / "cv", n_boot=50, show_progress=False)
+    oof = pd.read_csv(tmp_path / "cv" / "oof_predictions.csv")
+    y, p, fold = oof["label"].to_numpy(), oof["p_atypical"].to_numpy(), oof["fold"].to_numpy()
+    for k in range(3):
+        want = min(max(best_threshold(y[fold != k], p[fold != k]), 1e-6), 1 - 1e-6)
+        card = json.loads((tmp_path / "cv" / f"fold_{k}" / "model.json").read_text())
+        assert card["threshold"] == pytest.approx(want) and "other folds" in card["provenance"]["threshold_rule"]
+        held = binary_metrics(y[fold == k], p[fold == k], want)
+        assert summary["per_fold"][k]["threshold"] == pytest.approx(want)
+        assert summary["per_fold"][k]["balanced_accuracy"] == pytest.approx(held["balanced_accuracy"])
+        assert card["provenance"]["metrics"]["held_out_fold"]["sensitivity"] == pytest.approx(held["sensitivity"])
+    assert summary["mean"]["balanced_accuracy"] == pytest.approx(summary["cross_fitted_threshold"]["mean"]["balanced_accuracy"])
+    assert summary["out_of_fold"]["threshold"] == pytest.approx(np.mean([f["threshold"] for f in summary["per_fold"]]))
+    with pytest.warns(UserWarning, match="threshold=oof is chosen by cv"):
+        assert train(cfg, ds, tmp_path / "one", show_progress=False)["threshold"] == 0.5
+
+
 def test_train_with_a_separate_validation_set_and_split_folders(tmp_path: Path, tiny: list[str]) -> None:
     from conftest import write_class_folders
 

@@ -127,7 +127,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     ema_decay: float = 0.0  # exponential moving average of the weights (e.g. 0.999; 0 = off): validated and saved instead of the raw weights
     patience: int = 0  # early stopping on validation balanced accuracy (0 = off)
-    threshold: float | str = 0.5  # decision threshold, or "auto": best on validation / out-of-fold
+    threshold: float | str = 0.5  # decision threshold; "auto": best on the validation rows; "oof" (cv): best on the other folds' out-of-fold predictions
     amp: bool = True  # mixed precision (CUDA only)
     channels_last: bool = True  # NHWC tensors: faster convolutions on CPU (oneDNN) and GPU
     seed: int = 0
@@ -302,6 +302,14 @@ _CHOICES = {
 }
 
 
+THRESHOLD_RULES = ("auto", "oof")  # a threshold chosen from predictions instead of given
+
+
+def fixed_threshold(t: TrainConfig) -> float:
+    """The threshold before any is chosen: the given number, or 0.5 where a rule picks it later."""
+    return 0.5 if t.threshold in THRESHOLD_RULES else float(t.threshold)
+
+
 def validate_config(cfg: Config) -> None:
     _check_finite(cfg, "config")
     validate_model_config(cfg.model)
@@ -312,8 +320,8 @@ def validate_config(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in choices:
             raise MitotypeError(f"config {section}.{name}: '{value}' is not one of {', '.join(choices)}")
-    if isinstance(cfg.train.threshold, str) and cfg.train.threshold != "auto":
-        raise MitotypeError(f"config train.threshold: '{cfg.train.threshold}' must be a number in (0, 1) or 'auto'")
+    if isinstance(cfg.train.threshold, str) and cfg.train.threshold not in THRESHOLD_RULES:
+        raise MitotypeError(f"config train.threshold: '{cfg.train.threshold}' must be a number in (0, 1), 'auto' or 'oof'")
     if isinstance(cfg.train.threshold, float) and not 0 < cfg.train.threshold < 1:
         raise MitotypeError(f"config train.threshold: {cfg.train.threshold} must be in (0, 1)")
     ranges = {

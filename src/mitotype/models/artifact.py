@@ -101,6 +101,15 @@ def add_card_metrics(folder: Path, name: str, metrics: dict) -> None:
     write_json(card_path, card)
 
 
+def set_card_threshold(folder: Path, threshold: float, rule: str) -> None:
+    """Store a threshold chosen after training (``rule`` says how) in an existing card."""
+    card_path = Path(folder) / CARD_NAME
+    card = read_card(read_card_json(card_path), card_path)
+    card["threshold"] = min(max(float(threshold), 1e-6), 1 - 1e-6)  # a card's threshold lies strictly inside (0, 1)
+    card["provenance"]["threshold_rule"] = rule
+    write_json(card_path, card)
+
+
 def read_card_json(card_path: Path) -> Any:
     try:
         return json.loads(card_path.read_text())

@@ -23,7 +23,7 @@ import torch
 from timm.utils import ModelEmaV3
 
 from mitotype._io import atomic_path, write_csv
-from mitotype.config import Config, record_config
+from mitotype.config import Config, fixed_threshold, record_config
 from mitotype.data.images import ImageStore
 from mitotype.evaluation.metrics import best_threshold, binary_metrics
 from mitotype.errors import MitotypeError
@@ -192,7 +192,7 @@ def fit(
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch, "lr": optimizer.param_groups[1]["lr"], "train_seconds": time.perf_counter() - tic}
             if val_idx is not None and len(val_idx):
                 p = predict_rows([scored], store, val_idx, device, t.eval_batch_size, amp=t.amp)
-                metrics = binary_metrics(labels[val_idx], p, 0.5 if t.threshold == "auto" else float(t.threshold))
+                metrics = binary_metrics(labels[val_idx], p, fixed_threshold(t))
                 record.update({f"val_{k}": metrics[k] for k in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")})
                 if metrics["balanced_accuracy"] > best["score"]:
                     best = {"score": metrics["balanced_accuracy"], "epoch": epoch + 1, "bad_epochs": 0}
@@ -227,7 +227,7 @@ def _finish(cfg, manifest, store, run_dir, model, history, train_idx, val_idx, d
     """Pick the threshold, score the validation rows and write the model artifact."""
     t = cfg.train
     val_predictions, val_metrics = None, {}
-    threshold = 0.5 if t.threshold == "auto" else float(t.threshold)
+    threshold = fixed_threshold(t)  # "oof": cross_validate sets it once every fold has predicted
     if val_idx is not None and len(val_idx):
         p = predict_rows([model], store, val_idx, device, t.eval_batch_size, amp=t.amp)
         y = manifest["label"].to_numpy()[val_idx]

@@ -31,7 +31,7 @@ from mitotype.errors import MitotypeError
 from mitotype.evaluation.metrics import METRIC_NAMES, best_threshold, binary_metrics, cross_fitted_thresholds, summarize_folds
 from mitotype.evaluation.report import write_evaluation
 from mitotype.inference.engine import resolve_device
-from mitotype.models.artifact import add_card_metrics, load_model
+from mitotype.models.artifact import add_card_metrics, load_model, set_card_threshold
 from mitotype.training.loop import console, fit, is_complete, predict_rows
 
 
@@ -139,6 +139,8 @@ def train(cfg: Config, data: Dataset, out: Path, resume: bool = False, val: Data
     else:
         train_idx, val_idx = np.arange(len(manifest)), None
     require_labels(manifest.iloc[train_idx], "training rows")
+    if cfg.train.threshold == "oof":
+        warnings.warn("train.threshold=oof is chosen by cv on out-of-fold predictions; a single training run keeps 0.5", stacklevel=2)
     write_csv(out / "manifest.csv", manifest)
     result = fit(cfg, manifest, store, out, train_idx, val_idx, resume=resume, **fit_kwargs)
     summary = {"recipe": cfg.recipe, "seconds": round(result.seconds, 1), "epochs": len(result.history), "threshold": result.threshold}
@@ -158,6 +160,9 @@ def _record_splits(path: Path, table: pd.DataFrame, resume: bool) -> None:
                                 options=("resume", "folds"))
         return
     write_csv(path, table)
+
+
+OOF_RULE = "best balanced accuracy on the other folds' out-of-fold predictions (train.threshold=oof)"
 
 
 @_clean_failed_start
@@ -220,13 +225,20 @@ def cross_validate(
 
     oof = manifest.assign(fold=fold_of, p_atypical=p_oof)[fold_of >= 0]  # fold -1: never held out
     write_csv(out / "oof_predictions.csv", oof)
+    y, p_oof, oof_fold = oof["label"].to_numpy(), oof["p_atypical"].to_numpy(), oof["fold"].to_numpy()
+    fitted = cross_fitted_thresholds(y, p_oof, oof_fold)
+    refit = [binary_metrics(y[oof_fold == f], p_oof[oof_fold == f], t) for f, t in fitted.items()]
+    if cfg.train.threshold == "oof":  # each fold model keeps the threshold best on the other folds' predictions
+        for f, t in fitted.items():
+            set_card_threshold(out / f"fold_{f}", t, OOF_RULE)
+            add_card_metrics(out / f"fold_{f}", "held_out_fold", refit[f])
+        fold_metrics, thresholds = refit, [float(np.clip(t, 1e-6, 1 - 1e-6)) for t in fitted.values()]
+        console.log("thresholds from the other folds: " + ", ".join(f"fold {f} {t:.3f} (BA {m['balanced_accuracy']:.3f})" for (f, t), m in zip(fitted.items(), refit)))
     oof_threshold = float(np.mean(thresholds))
     pooled = write_evaluation(oof[["label", "p_atypical", "domain"]], out / "oof", threshold=oof_threshold, n_boot=n_boot, title=f"{cfg.recipe}: out-of-fold")
-    y, p_oof = oof["label"].to_numpy(), oof["p_atypical"].to_numpy()
     tuned = best_threshold(y, p_oof)
     spread = summarize_folds(fold_metrics)
-    fitted = cross_fitted_thresholds(y, p_oof, oof["fold"].to_numpy())
-    refit = summarize_folds([binary_metrics(y[oof["fold"] == f], p_oof[oof["fold"] == f], t) for f, t in fitted.items()])
+    refit = summarize_folds(refit)
     summary = {
         "recipe": cfg.recipe,
         "folds": k,
