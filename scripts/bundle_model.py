@@ -1,6 +1,6 @@
 """Make the bundled model from a finished cv run of the default recipe (developers only).
 
-    .venv/bin/python scripts/bundle_model.py runs/NAME [--domain-run runs/NAME-loso] [--data ../shared/data/ami-br-train]
+    .venv/bin/python scripts/bundle_model.py runs/NAME [--domain-run runs/NAME-loso] [--oof-thresholds] [--data ../shared/data/ami-br-train]
 
 Writes src/mitotype/bundled/ (fold_*/model.{safetensors,json} in float16, bundle.json) and prints
 its size and the largest change in p_atypical that halving the weights causes on the training
@@ -28,8 +28,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/data/ami-br-train"), help="patches for the half-precision check")
     parser.add_argument("--command", default="", help="the command that trained the run (recorded in bundle.json)")
     parser.add_argument("--domain-run", type=Path, default=None, help="the recipe's leave-one-source-out cv run (--group-by)")
+    parser.add_argument("--oof-thresholds", action="store_true",
+                        help="each fold model's threshold: the best on the other folds' out-of-fold predictions (instead of the stored one)")
     args = parser.parse_args()
-    info = bundle_run(args.run, OUT, command=args.command, domain_run=args.domain_run)
+    info = bundle_run(args.run, OUT, command=args.command, domain_run=args.domain_run, oof_thresholds=args.oof_thresholds)
     paths = read_dataset(args.data).manifest["path"].tolist()[:512]
     store, _ = decode_all(paths, 128)
     gap = half_precision_gap(args.run, OUT, store.batch(np.arange(len(paths))))

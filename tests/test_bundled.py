@@ -100,3 +100,24 @@ def test_bundle_carries_the_leave_one_source_out_figures_of_the_same_recipe(cv_r
     with pytest.raises(MitotypeError, match=r"loso: not a leave-one-source-out run \(--group-by\) of recipe"):
         bundled.bundle_run(run, tmp_path / "c", domain_run=tmp_path / "loso")
     assert not (tmp_path / "c").exists() and not (tmp_path / "c.staging").exists()
+
+
+def test_bundle_with_oof_thresholds_gives_each_fold_the_best_threshold_of_the_other_folds(cv_run, tmp_path: Path) -> None:
+    from mitotype.evaluation.metrics import best_threshold, binary_metrics
+    from mitotype.inference.predict import ensemble_threshold
+
+    run, _ = cv_run
+    oof = pd.read_csv(run / "oof_predictions.csv")
+    y, p, fold = oof["label"].to_numpy(), oof["p_atypical"].to_numpy(), oof["fold"].to_numpy()
+    want = [best_threshold(y[fold != k], p[fold != k]) for k in (0, 1)]
+    assert want[0] != want[1]  # the tiny folds disagree, so a fold-mixing bug shows
+    info = bundled.bundle_run(run, tmp_path / "b", oof_thresholds=True)
+    models = load_ensemble(tmp_path / "b")
+    assert [m.threshold for m in models] == pytest.approx(want)
+    assert all("other folds" in m.card["provenance"]["threshold_rule"] for m in models)
+    at = info["cv_at_oof_thresholds"]
+    assert at["thresholds"] == pytest.approx({"fold_0": want[0], "fold_1": want[1]})
+    held = [binary_metrics(y[fold == k], p[fold == k], want[k])["balanced_accuracy"] for k in (0, 1)]
+    assert at["mean"]["balanced_accuracy"] == pytest.approx(np.mean(held))
+    assert ensemble_threshold(models) == pytest.approx(at["ensemble_threshold"])
+    assert [m.threshold for m in load_ensemble(run)] == [0.5, 0.5]  # the source run is left as it was

@@ -286,6 +286,9 @@ def bootstrap_intervals(
 # cross-validation
 
 
+CROSS_FITTED_RULE = "best balanced accuracy on the other folds' out-of-fold predictions"
+
+
 def cross_fitted_thresholds(y_true: np.ndarray, p_atypical: np.ndarray, fold: np.ndarray) -> dict[int, float]:
     """For each fold, the ``best_threshold`` of the out-of-fold predictions of the *other* folds.
 

@@ -110,6 +110,11 @@ def set_card_threshold(folder: Path, threshold: float, rule: str) -> None:
     write_json(card_path, card)
 
 
+def load_card_threshold(folder: Path) -> float:
+    card_path = Path(folder) / CARD_NAME
+    return float(read_card(read_card_json(card_path), card_path)["threshold"])
+
+
 def read_card_json(card_path: Path) -> Any:
     try:
         return json.loads(card_path.read_text())

@@ -14,12 +14,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
 from mitotype._io import atomic_path, write_json
 from mitotype.errors import MitotypeError
-from mitotype.models.artifact import CARD_NAME, WEIGHTS_NAME, read_card_json, model_dirs
+from mitotype.evaluation.metrics import CROSS_FITTED_RULE, binary_metrics, cross_fitted_thresholds, summarize_folds
+from mitotype.models.artifact import CARD_NAME, WEIGHTS_NAME, model_dirs, read_card_json, set_card_threshold
 from mitotype.models.card import CARD_FORMAT, read_card
 
 BUNDLE_INFO = "bundle.json"
@@ -37,14 +40,18 @@ def bundle_info() -> dict[str, Any]:
     return json.loads((bundled_model_dir() / BUNDLE_INFO).read_text())
 
 
-def bundle_run(run: Path, out: Path, *, command: str = "", half: bool = True, domain_run: Path | None = None) -> dict[str, Any]:
+def bundle_run(run: Path, out: Path, *, command: str = "", half: bool = True, domain_run: Path | None = None,
+               oof_thresholds: bool = False) -> dict[str, Any]:
     """Copy the fold models of cv run ``run`` into ``out`` (weights in float16 when ``half``), with
     each card converted to the current format and ``bundle.json`` summarising the run; ``domain_run``,
-    the same recipe's leave-one-source-out cv run (``--group-by``), adds its per-source figures."""
+    the same recipe's leave-one-source-out cv run (``--group-by``), adds its per-source figures.
+    ``oof_thresholds`` gives each fold model the threshold best on the other folds' out-of-fold
+    predictions (what ``train.threshold=oof`` does in ``cv``), for a run trained at a fixed one."""
     folds = model_dirs(run)
     summary_path = Path(run) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     held = _per_source(Path(domain_run), summary.get("recipe")) if domain_run is not None else None
+    fitted = _oof_thresholds(Path(run)) if oof_thresholds else None
     staging = Path(out).with_name(Path(out).name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     for i, folder in enumerate(folds):
@@ -58,6 +65,8 @@ def bundle_run(run: Path, out: Path, *, command: str = "", half: bool = True, do
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": CARD_FORMAT})
         card["provenance"]["bundled_from"] = str(folder)
         write_json(target / CARD_NAME, card)
+        if fitted is not None:
+            set_card_threshold(target, fitted["thresholds"][folder.name], f"{CROSS_FITTED_RULE} (bundled)")
     info = {
         "source_run": str(run), "command": command, "folds": len(folds), "weights": "float16" if half else "float32",
         "recipe": summary.get("recipe"), "cv": {k: summary.get(k) for k in ("folds", "n", "n_atypical", "groups", "mean", "sd", "out_of_fold", "per_fold")},
@@ -65,11 +74,24 @@ def bundle_run(run: Path, out: Path, *, command: str = "", half: bool = True, do
     }
     if held is not None:
         info["leave_one_source_out"] = held
+    if fitted is not None:
+        info["threshold_rule"], info["cv_at_oof_thresholds"] = CROSS_FITTED_RULE, fitted
     write_json(staging / BUNDLE_INFO, info)
     if Path(out).exists():
         shutil.rmtree(out)
     staging.rename(out)
     return info
+
+
+def _oof_thresholds(run: Path) -> dict[str, Any]:
+    """Each fold's threshold chosen on the other folds' out-of-fold predictions, and the run's
+    held-out figures at those thresholds (mean ± sd over folds), from ``oof_predictions.csv``."""
+    oof = pd.read_csv(run / "oof_predictions.csv")
+    y, p, fold = oof["label"].to_numpy(), oof["p_atypical"].to_numpy(), oof["fold"].to_numpy()
+    fitted = cross_fitted_thresholds(y, p, fold)
+    spread = summarize_folds([binary_metrics(y[fold == k], p[fold == k], t) for k, t in fitted.items()])
+    return {"thresholds": {f"fold_{k}": t for k, t in fitted.items()}, "mean": {m: v["mean"] for m, v in spread.items()},
+            "sd": {m: v["sd"] for m, v in spread.items()}, "ensemble_threshold": float(np.mean(list(fitted.values())))}
 
 
 def _per_source(domain_run: Path, recipe: str | None) -> dict[str, Any]:

@@ -28,10 +28,10 @@ from mitotype.data.manifest import require_labels
 from mitotype.data.readers import read_dataset
 from mitotype.data.splits import grouped_folds, read_split_file, train_val_split, training_rows
 from mitotype.errors import MitotypeError
-from mitotype.evaluation.metrics import METRIC_NAMES, best_threshold, binary_metrics, cross_fitted_thresholds, summarize_folds
+from mitotype.evaluation.metrics import CROSS_FITTED_RULE, METRIC_NAMES, best_threshold, binary_metrics, cross_fitted_thresholds, summarize_folds
 from mitotype.evaluation.report import write_evaluation
 from mitotype.inference.engine import resolve_device
-from mitotype.models.artifact import add_card_metrics, load_model, set_card_threshold
+from mitotype.models.artifact import add_card_metrics, load_card_threshold, load_model, set_card_threshold
 from mitotype.training.loop import console, fit, is_complete, predict_rows
 
 
@@ -162,9 +162,6 @@ def _record_splits(path: Path, table: pd.DataFrame, resume: bool) -> None:
     write_csv(path, table)
 
 
-OOF_RULE = "best balanced accuracy on the other folds' out-of-fold predictions (train.threshold=oof)"
-
-
 @_clean_failed_start
 def cross_validate(
     cfg: Config, data: Dataset, folds: int, out: Path, resume: bool = False, split_file: Path | None = None, n_boot: int = 1000,
@@ -230,9 +227,9 @@ def cross_validate(
     refit = [binary_metrics(y[oof_fold == f], p_oof[oof_fold == f], t) for f, t in fitted.items()]
     if cfg.train.threshold == "oof":  # each fold model keeps the threshold best on the other folds' predictions
         for f, t in fitted.items():
-            set_card_threshold(out / f"fold_{f}", t, OOF_RULE)
+            set_card_threshold(out / f"fold_{f}", t, f"{CROSS_FITTED_RULE} (train.threshold=oof)")
             add_card_metrics(out / f"fold_{f}", "held_out_fold", refit[f])
-        fold_metrics, thresholds = refit, [float(np.clip(t, 1e-6, 1 - 1e-6)) for t in fitted.values()]
+        fold_metrics, thresholds = refit, [load_card_threshold(out / f"fold_{f}") for f in fitted]
         console.log("thresholds from the other folds: " + ", ".join(f"fold {f} {t:.3f} (BA {m['balanced_accuracy']:.3f})" for (f, t), m in zip(fitted.items(), refit)))
     oof_threshold = float(np.mean(thresholds))
     pooled = write_evaluation(oof[["label", "p_atypical", "domain"]], out / "oof", threshold=oof_threshold, n_boot=n_boot, title=f"{cfg.recipe}: out-of-fold")
