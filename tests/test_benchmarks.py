@@ -103,3 +103,56 @@ def test_decode_speed_decodes_then_reopens_every_round(tmp_path: Path) -> None:
     decoded, reopened = decode_speed.main(["--data", str(tmp_path / "absent"), "--n", "5", "--patch-size", "16", "--rounds", "2"])
     assert (decoded.name, decoded.items, len(decoded.seconds)) == ("decode PNGs into the cache", 5, 2)
     assert reopened.ratios == [d / o for d, o in zip(decoded.seconds, reopened.seconds)]
+
+
+@pytest.fixture(scope="module")
+def cv_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import TINY as TINY_CFG, write_class_folders
+    from mitotype.config import load_config
+    from mitotype.workflows.runs import cross_validate, load_dataset
+
+    root = tmp_path_factory.mktemp("bench-cv")
+    cfg = load_config(None, TINY_CFG + ["train.epochs=1"])
+    cross_validate(cfg, load_dataset(write_class_folders(root / "data"), cfg), 3, root / "cv", n_boot=20, show_progress=False)
+    return root / "cv"
+
+
+def test_summarize_runs_row_has_the_cross_fitted_threshold_figure(cv_run: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    import numpy as np
+    import pandas as pd
+
+    import summarize_runs
+    from mitotype.evaluation.metrics import binary_metrics, cross_fitted_thresholds
+
+    run = tmp_path / "run"  # the tiny run's summary, with out-of-fold scores whose best threshold is far from 0.5
+    shutil.copytree(cv_run, run, ignore=shutil.ignore_patterns("fold_*", "oof", "features"))
+    rng = np.random.default_rng(3)
+    y, fold = rng.integers(0, 2, 90), np.repeat([0, 1, 2], 30)
+    p = 1 / (1 + np.exp(-(rng.normal(0, 1, 90) + 2.0 * y - 2.5)))
+    pd.DataFrame({"path": [f"p{i}.png" for i in range(90)], "label": y, "fold": fold, "p_atypical": p}).to_csv(run / "oof_predictions.csv", index=False)
+    fitted = [binary_metrics(y[fold == k], p[fold == k], t)["balanced_accuracy"] for k, t in cross_fitted_thresholds(y, p, fold).items()]
+    at_half = [binary_metrics(y[fold == k], p[fold == k], 0.5)["balanced_accuracy"] for k in range(3)]
+    assert abs(np.mean(fitted) - np.mean(at_half)) > 0.05  # the data tell the two apart
+    cells = [c.strip() for c in summarize_runs.row(run).strip("|").split("|")]
+    assert cells[6] == f"{np.mean(fitted):.3f} ± {np.std(fitted, ddof=1):.3f}"
+    s = json.loads((run / "summary.json").read_text())
+    assert cells[3] == f"{s['mean']['balanced_accuracy']:.3f} ± {s['sd']['balanced_accuracy']:.3f}"
+
+
+def test_partial_cv_repredicts_the_finished_folds_and_scores_them_at_the_other_folds_threshold(cv_run: Path, capsys) -> None:
+    import numpy as np
+    import pandas as pd
+
+    import partial_cv
+    from mitotype.evaluation.metrics import best_threshold
+
+    partial_cv.main([str(cv_run), "--folds", "0,2"])
+    got = pd.read_csv(cv_run / "partial_oof_predictions.csv")
+    oof = pd.read_csv(cv_run / "oof_predictions.csv").set_index("path").loc[got["path"]]
+    assert sorted(set(got["fold"])) == [0, 2] and np.allclose(got["p_atypical"], oof["p_atypical"], atol=1e-6)
+    other = got[got["fold"] == 2]
+    out = capsys.readouterr().out
+    assert f"at the other folds' threshold {best_threshold(other['label'], other['p_atypical']):.3f}" in out.splitlines()[0]
