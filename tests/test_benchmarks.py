@@ -156,3 +156,9 @@ def test_partial_cv_repredicts_the_finished_folds_and_scores_them_at_the_other_f
     other = got[got["fold"] == 2]
     out = capsys.readouterr().out
     assert f"at the other folds' threshold {best_threshold(other['label'], other['p_atypical']):.3f}" in out.splitlines()[0]
+    splits = cv_run.parent / "moved.csv"  # the same folds, read from another file, predictions written elsewhere
+    splits.write_bytes((cv_run / "splits.csv").read_bytes())
+    (cv_run / "fold_1").rename(cv_run.parent / "fold_1")  # a fold not asked for need not be there
+    partial_cv.main([str(cv_run), "--folds", "0,2", "--splits", str(splits), "--out", str(cv_run.parent / "p.csv")])
+    (cv_run.parent / "fold_1").rename(cv_run / "fold_1")
+    assert pd.read_csv(cv_run.parent / "p.csv").equals(got)
