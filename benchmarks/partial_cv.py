@@ -8,7 +8,7 @@ run of the same data and split seed has the same splits.csv.)
 
 Each finished fold model predicts its own held-out rows (from the run's ``splits.csv``); each fold is
 then scored at the stored threshold and at the threshold best on the *other* finished folds'
-predictions (``train.threshold=oof``'s rule). Writes ``partial_oof_predictions.csv`` in the run (or ``--out``).
+predictions (``train.threshold=oof``'s rule); then the pooled figures per domain (source). Writes ``partial_oof_predictions.csv`` in the run (or ``--out``).
 """
 
 from __future__ import annotations
@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"fold {f}: AUROC {at['stored']['roc_auc']:.3f} | " + " | ".join(
             f"at the {name} threshold {th:.3f}: BA {m['balanced_accuracy']:.3f}, sensitivity {m['sensitivity']:.3f}, specificity {m['specificity']:.3f}"
             for (name, m), th in zip(at.items(), (stored[f], t))))
+    domains = [f"{name or 'no domain'} (n {len(g)}): BA {m['balanced_accuracy']:.3f}, AUROC {m['roc_auc']:.3f}"
+               for name, g in rows.assign(p=p).groupby(rows["domain"].fillna(""))
+               for m in [binary_metrics(g["label"].to_numpy(), g["p"].to_numpy(), 0.5)]]
+    print("pooled over these folds at 0.5, per domain: " + "; ".join(domains))
     rows.assign(p_atypical=p).to_csv(args.out or args.run / "partial_oof_predictions.csv", index=False)
 
 

@@ -156,6 +156,14 @@ def test_partial_cv_repredicts_the_finished_folds_and_scores_them_at_the_other_f
     other = got[got["fold"] == 2]
     out = capsys.readouterr().out
     assert f"at the other folds' threshold {best_threshold(other['label'], other['p_atypical']):.3f}" in out.splitlines()[0]
+    from mitotype.evaluation.metrics import binary_metrics
+
+    line = out.splitlines()[2]
+    assert line.startswith("pooled over these folds at 0.5, per domain: ")
+    for name, g in got.groupby("domain"):
+        m = binary_metrics(g["label"], g["p_atypical"], 0.5)
+        assert f"{name} (n {len(g)}): BA {m['balanced_accuracy']:.3f}, AUROC {m['roc_auc']:.3f}" in line
+    assert got["domain"].nunique() == line.count("(n ") > 1
     splits = cv_run.parent / "moved.csv"  # the same folds, read from another file, predictions written elsewhere
     splits.write_bytes((cv_run / "splits.csv").read_bytes())
     (cv_run / "fold_1").rename(cv_run.parent / "fold_1")  # a fold not asked for need not be there

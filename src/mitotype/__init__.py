@@ -8,4 +8,4 @@ __version__ = "0.1.0"
 CLASS_NAMES = ("normal", "atypical")
 
 #: The recipe ``train``/``cv`` use without ``--recipe``, and the one the bundled model was trained with.
-DEFAULT_RECIPE = "lite0-crop64"
+DEFAULT_RECIPE = "lite0-crop64-192"
