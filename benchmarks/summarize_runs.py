@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mitotype.evaluation.metrics import binary_metrics, cross_fitted_thresholds
+from mitotype.evaluation.metrics import cross_fitted_metrics
 
 
 def row(run: Path) -> str:
@@ -32,7 +32,7 @@ def row(run: Path) -> str:
     pooled = s["out_of_fold"]
     oof = pd.read_csv(run / "oof_predictions.csv")
     y, p, fold = oof["label"].to_numpy(), oof["p_atypical"].to_numpy(), oof["fold"].to_numpy()
-    refit = [binary_metrics(y[fold == k], p[fold == k], t)["balanced_accuracy"] for k, t in cross_fitted_thresholds(y, p, fold).items()]
+    refit = [m["balanced_accuracy"] for _, m in cross_fitted_metrics(y, p, fold).values()]
     return (f"| `{run.name}` | {s['recipe']} | {folds} | {s['mean']['balanced_accuracy']:.3f} ± {s['sd']['balanced_accuracy']:.3f} | "
             f"{s['mean']['roc_auc']:.3f} ± {s['sd']['roc_auc']:.3f} (worst {min(auc):.3f}) | "
             f"{pooled['balanced_accuracy']:.3f} / {pooled['roc_auc']:.3f} | {np.mean(refit):.3f} ± {np.std(refit, ddof=1):.3f} | "

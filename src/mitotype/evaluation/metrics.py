@@ -303,6 +303,13 @@ def cross_fitted_thresholds(y_true: np.ndarray, p_atypical: np.ndarray, fold: np
     return {int(k): best_threshold(y[fold != k], p[fold != k]) for k in np.unique(fold)}
 
 
+def cross_fitted_metrics(y_true: np.ndarray, p_atypical: np.ndarray, fold: np.ndarray) -> dict[int, tuple[float, dict[str, Any]]]:
+    """{fold: (threshold from the other folds, that fold's metrics at it)}: what cv, the bundle and the
+    results log report as "threshold from the other folds"."""
+    y, p, fold = np.asarray(y_true), np.asarray(p_atypical), np.asarray(fold)
+    return {k: (t, binary_metrics(y[fold == k], p[fold == k], t)) for k, t in cross_fitted_thresholds(y, p, fold).items()}
+
+
 def summarize_folds(fold_metrics: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """{metric: {"mean", "sd", "values"}} across folds, so CV results read as mean ± sd.
 

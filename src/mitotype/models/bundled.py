@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from mitotype._io import atomic_path, write_json
 from mitotype.errors import MitotypeError
-from mitotype.evaluation.metrics import CROSS_FITTED_RULE, binary_metrics, cross_fitted_thresholds, summarize_folds
+from mitotype.evaluation.metrics import CROSS_FITTED_RULE, cross_fitted_metrics, summarize_folds
 from mitotype.models.artifact import CARD_NAME, WEIGHTS_NAME, model_dirs, read_card_json, set_card_threshold
 from mitotype.models.card import CARD_FORMAT, read_card
 
@@ -88,8 +88,9 @@ def _oof_thresholds(run: Path) -> dict[str, Any]:
     held-out figures at those thresholds (mean ± sd over folds), from ``oof_predictions.csv``."""
     oof = pd.read_csv(run / "oof_predictions.csv")
     y, p, fold = oof["label"].to_numpy(), oof["p_atypical"].to_numpy(), oof["fold"].to_numpy()
-    fitted = cross_fitted_thresholds(y, p, fold)
-    spread = summarize_folds([binary_metrics(y[fold == k], p[fold == k], t) for k, t in fitted.items()])
+    fitted_metrics = cross_fitted_metrics(y, p, fold)
+    fitted = {k: t for k, (t, _) in fitted_metrics.items()}
+    spread = summarize_folds([m for _, m in fitted_metrics.values()])
     return {"thresholds": {f"fold_{k}": t for k, t in fitted.items()}, "mean": {m: v["mean"] for m, v in spread.items()},
             "sd": {m: v["sd"] for m, v in spread.items()}, "ensemble_threshold": float(np.mean(list(fitted.values())))}
 

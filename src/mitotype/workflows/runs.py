@@ -28,7 +28,7 @@ from mitotype.data.manifest import require_labels
 from mitotype.data.readers import read_dataset
 from mitotype.data.splits import grouped_folds, read_split_file, train_val_split, training_rows
 from mitotype.errors import MitotypeError
-from mitotype.evaluation.metrics import CROSS_FITTED_RULE, METRIC_NAMES, best_threshold, binary_metrics, cross_fitted_thresholds, summarize_folds
+from mitotype.evaluation.metrics import CROSS_FITTED_RULE, METRIC_NAMES, best_threshold, binary_metrics, cross_fitted_metrics, summarize_folds
 from mitotype.evaluation.report import write_evaluation
 from mitotype.inference.engine import resolve_device
 from mitotype.models.artifact import add_card_metrics, load_card_threshold, load_model, set_card_threshold
@@ -223,8 +223,8 @@ def cross_validate(
     oof = manifest.assign(fold=fold_of, p_atypical=p_oof)[fold_of >= 0]  # fold -1: never held out
     write_csv(out / "oof_predictions.csv", oof)
     y, p_oof, oof_fold = oof["label"].to_numpy(), oof["p_atypical"].to_numpy(), oof["fold"].to_numpy()
-    fitted = cross_fitted_thresholds(y, p_oof, oof_fold)
-    refit = [binary_metrics(y[oof_fold == f], p_oof[oof_fold == f], t) for f, t in fitted.items()]
+    fitted_metrics = cross_fitted_metrics(y, p_oof, oof_fold)
+    fitted, refit = {f: t for f, (t, _) in fitted_metrics.items()}, [m for _, m in fitted_metrics.values()]
     if cfg.train.threshold == "oof":  # each fold model keeps the threshold best on the other folds' predictions
         for f, t in fitted.items():
             set_card_threshold(out / f"fold_{f}", t, f"{CROSS_FITTED_RULE} (train.threshold=oof)")
