@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from _patches import DEFAULT_DATA, decoded_rows  # benchmarks/ is on the path when run as a script
 from _timing import Side, Timed, compare, cpu_flags, report
 from mitotype.config import Config, load_config
-from mitotype.inference.engine import to_input
+from mitotype.transforms.batch import to_input
 from mitotype.models.registry import MitotypeModel, create_model
 from mitotype.training.loop import build_optimizer
 

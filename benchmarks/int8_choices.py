@@ -7,13 +7,18 @@ calibration) and prints balanced accuracy / AUROC on CHECK.csv (labelled, e.g. t
 patches) at the model's threshold, beside fp32, with single-thread speed on 128 patches. One thread,
 so timings are comparable only within one run on a quiet machine.
 """
-import argparse, time, warnings
+import argparse
+import time
+import warnings
 from pathlib import Path
-import numpy as np, torch, onnx, onnxruntime as ort
+import numpy as np
+import torch
+import onnx
+import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static, CalibrationMethod
 from onnxruntime.quantization.shape_inference import quant_pre_process
-from mitotype.models.artifact import load_ensemble
-from mitotype.inference.export import _graph, write_onnx, INPUT_NAME
+from mitotype.inference.graph import INPUT_NAME, inference_graph, write_onnx
+from mitotype.models.ensemble import Ensemble
 from mitotype.data.images import decode_all
 from mitotype.evaluation.metrics import binary_metrics
 import pandas as pd
@@ -24,15 +29,15 @@ ap.add_argument("model"); ap.add_argument("check"); ap.add_argument("calib")
 ap.add_argument("--calib-n", type=int, default=256); ap.add_argument("--out", default="build/int8_choices")
 ap.add_argument("variants", nargs="*")
 args = ap.parse_args()
-out = Path(args.out); out.mkdir(parents=True, exist_ok=True); models = load_ensemble(Path(args.model))
-graph, size = _graph(models)
+out = Path(args.out); out.mkdir(parents=True, exist_ok=True); models = Ensemble.load(Path(args.model), device="cpu")
+graph, size = inference_graph(models), models.patch_size
 fp32 = out / "fp32.onnx"
 if not fp32.exists():
     write_onnx(graph, size, fp32)
 test = pd.read_csv(args.check); calib = pd.read_csv(args.calib).sample(frac=1, random_state=0).head(args.calib_n)
 ts, _ = decode_all(test["path"].tolist(), size, "error"); cs, _ = decode_all(calib["path"].tolist(), size, "error")
 X = ts.batch(np.arange(len(ts))).numpy(); C = cs.batch(np.arange(len(cs))).numpy(); y = test["label"].to_numpy()
-thr = models[0].threshold
+thr = models.threshold
 def scores(s, A):
     return np.concatenate([s.run(None, {INPUT_NAME: A[i:i+64]})[0] for i in range(0, len(A), 64)])
 sessions = {}

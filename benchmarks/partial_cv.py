@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from mitotype.data.images import decode_all
 from mitotype.evaluation.metrics import binary_metrics, cross_fitted_thresholds
 from mitotype.models.artifact import load_model
-from mitotype.training.loop import predict_rows
+from mitotype.models.ensemble import Ensemble
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     stored = {}
     for f, loaded in models.items():
         stored[f], idx = loaded.threshold, np.flatnonzero(fold == f)
-        p[idx] = predict_rows([loaded.model.eval()], store, idx, torch.device("cpu"), 128)
+        p[idx] = Ensemble([loaded.model], device="cpu", members=[loaded]).score_store(store, idx)
     for f, t in cross_fitted_thresholds(y, p, fold).items():
         at = {name: binary_metrics(y[fold == f], p[fold == f], value) for name, value in (("stored", stored[f]), ("other folds'", t))}
         print(f"fold {f}: AUROC {at['stored']['roc_auc']:.3f} | " + " | ".join(

@@ -22,8 +22,9 @@ import torch
 
 from mitotype.data.images import decode_all
 from mitotype.evaluation.metrics import binary_metrics
-from mitotype.inference.export import INPUT_NAME, _graph, write_onnx
-from mitotype.models.artifact import load_ensemble, model_dirs
+from mitotype.inference.graph import INPUT_NAME, inference_graph, write_onnx
+from mitotype.models.artifact import model_dirs
+from mitotype.models.ensemble import Ensemble
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
@@ -41,12 +42,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     y, calls, p, seconds = [], {k: [] for k in precisions}, {k: [] for k in precisions}, {k: 0.0 for k in precisions}
     with tempfile.TemporaryDirectory() as tmp:
         for k, fold_dir in enumerate(folds):
-            models = load_ensemble(fold_dir)
-            graph, size = _graph(models)
+            models = Ensemble.load(fold_dir, device="cpu")
+            graph, size = inference_graph(models), models.patch_size
             path = Path(tmp) / f"fold_{k}.onnx"
             write_onnx(graph, size, path)
             rows = splits[splits["fold"] == k]
-            store, _ = decode_all(rows["path"].tolist(), size, models[0].size_policy)
+            store, _ = decode_all(rows["path"].tolist(), size, models.size_policy)
             x = store.batch(np.arange(len(store))).numpy()
             y.append(rows["label"].to_numpy())
             for precision in precisions:
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                                       for i in range(0, len(x), args.batch_size)])
                 seconds[precision] += time.perf_counter() - tic
                 p[precision].append(got)
-                calls[precision].append(got >= models[0].threshold)
+                calls[precision].append(got >= models.threshold)
             print(f"fold {k}: {len(rows)} held-out patches; max |p_bf16 - p_f32| {np.abs(p['bf16'][-1] - p['f32'][-1]).max():.4f}",
                   flush=True)
     labels = np.concatenate(y)

@@ -1,7 +1,7 @@
 """Prediction throughput: bare forward per backend vs ``predict`` end to end from PNG files vs a naive per-image PIL loop.
 
 Every side processes the same patches. The bare sides run the model on batches already decoded:
-PyTorch eager (``predict_batch``), the fp32 ONNX export in an ONNX Runtime session, its int8
+PyTorch eager (the ``Ensemble``), the fp32 ONNX export in an ONNX Runtime session, its int8
 (static QDQ) quantization, and the fp32 export compiled by OpenVINO in f32 and bf16 (when installed). The ``predict`` sides run ``predict_manifest`` with each backend: a
 background thread pool reads and decodes the PNG files while the model runs. The naive loop opens
 each PNG with PIL and runs the PyTorch model on one image at a time, as the field's research
@@ -34,10 +34,13 @@ from _patches import DEFAULT_DATA, png_paths  # benchmarks/ is on the path when 
 from _timing import Side, Timed, compare, report
 from mitotype.config import load_config
 from mitotype.data.images import decode_all
-from mitotype.inference.backends import OnnxBackend, OpenVinoBackend, TorchBackend
-from mitotype.inference.export import _graph, onnx_difference, quantize_int8, write_onnx
+from mitotype.inference.backends import OnnxBackend, OpenVinoBackend
+from mitotype.inference.graph import inference_graph, write_onnx
+from mitotype.inference.onnx_cache import onnx_difference
+from mitotype.inference.quantize import quantize_int8
 from mitotype.inference.predict import predict_manifest
-from mitotype.models.artifact import load_ensemble, save_model
+from mitotype.models.artifact import save_model
+from mitotype.models.ensemble import Ensemble
 from mitotype.models.registry import create_model
 
 
@@ -59,37 +62,37 @@ def main(argv: list[str] | None = None) -> list[Timed]:
             cfg = load_config(args.recipe, ["model.pretrained=none"] + args.set)
             save_model(create_model(cfg.model), cfg, tmp / "model", 0.5, {}, {})
             model_text = f"untrained {cfg.recipe} ({cfg.model.backbone} @ {cfg.model.input_size} px)"
-        models = load_ensemble(args.model or tmp / "model")
+        models = Ensemble.load(args.model or tmp / "model", device="cpu")
         if args.model is not None:
             model_text = f"{len(models)} model(s) from {args.model}"
-        paths, source = png_paths(args.data, args.n, models[0].patch_size, tmp)
+        paths, source = png_paths(args.data, args.n, models.patch_size, tmp)
         onnx = _onnx_files(models, paths, tmp, args.batch_size) if args.onnx else {}
         return _run(models, paths, source, model_text, args.batch_size, args.rounds, onnx)
 
 
-def _onnx_files(models: list, paths: list[str], tmp: Path, bs: int) -> dict[str, Path]:
+def _onnx_files(models: Ensemble, paths: list[str], tmp: Path, bs: int) -> dict[str, Path]:
     """The fp32 export (checked against PyTorch) and its int8 quantization, calibrated on ``paths``."""
-    graph, size = _graph(models)
+    graph, size = inference_graph(models), models.patch_size
     write_onnx(graph, size, tmp / "model.onnx")
     print(f"fp32 ONNX export: max |p_onnx - p_torch| {onnx_difference(tmp / 'model.onnx', graph, size):.1e} on random patches")
-    store, _ = decode_all(paths, size, models[0].size_policy)
+    store, _ = decode_all(paths, size, models.size_policy)
     calibration = [store.batch(np.arange(s, min(s + bs, len(paths)))).numpy() for s in range(0, len(paths), bs)]
     quantize_int8(tmp / "model.onnx", tmp / "model.int8.onnx", calibration)
     try:  # ONNX Runtime's int8 depthwise kernels refuse some tiny feature maps (lite0 at 32 px)
         OnnxBackend(tmp / "model.int8.onnx").p_atypical(calibration[0])
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         print(f"NOTE: the int8 graph does not run in ONNX Runtime here ({str(err).splitlines()[0][:120]}); int8 sides left out")
         return {"fp32": tmp / "model.onnx"}
     return {"fp32": tmp / "model.onnx", "int8": tmp / "model.int8.onnx"}
 
 
-def _run(models: list, paths: list[str], source: str, model_text: str, bs: int, rounds: int, onnx: dict[str, Path]) -> list[Timed]:
+def _run(models: Ensemble, paths: list[str], source: str, model_text: str, bs: int, rounds: int, onnx: dict[str, Path]) -> list[Timed]:
     device, n = torch.device("cpu"), len(paths)
     manifest = pd.DataFrame({"path": paths})
-    store, _ = decode_all(paths, models[0].patch_size, models[0].size_policy)
+    store, _ = decode_all(paths, models.patch_size, models.size_policy)
     batches = [store.batch(np.arange(s, min(s + bs, n))) for s in range(0, n, bs)]
-    nets = [m.model.eval() for m in models]
-    backends = {"PyTorch": TorchBackend(nets, device)}
+    nets = models.nets
+    backends = {"PyTorch": models}
     backends.update({f"ONNX Runtime {k}": OnnxBackend(path) for k, path in onnx.items()})
     if onnx and importlib.util.find_spec("openvino") is not None:  # the same fp32 graph compiled by OpenVINO
         backends["OpenVINO fp32"] = OpenVinoBackend(onnx["fp32"])
@@ -106,7 +109,7 @@ def _run(models: list, paths: list[str], source: str, model_text: str, bs: int, 
     def ours(backend) -> Callable[[], float]:
         def run() -> float:
             tic = time.perf_counter()
-            predict_manifest(models, manifest, batch_size=bs, device=device, backend=backend)
+            predict_manifest(backend, manifest, patch_size=models.patch_size, size_policy=models.size_policy, batch_size=bs)
             return time.perf_counter() - tic
         return run
 
@@ -128,7 +131,7 @@ def _run(models: list, paths: list[str], source: str, model_text: str, bs: int, 
     report(f"Prediction: {source} · {model_text} · batch {bs} · device cpu", results, rounds)
     k = len(backends)
     tic = time.perf_counter()
-    decode_all(paths, models[0].patch_size, models[0].size_policy, threads=1)
+    decode_all(paths, models.patch_size, models.size_policy, threads=1)
     decode_ms = 1000 * (time.perf_counter() - tic) / n
     print(f"\ndecoding alone, 1 thread: {decode_ms:.2f} ms/patch. If the decoding thread finds no free core, predict / bare "
           "is at best model ms / (model ms + decode ms): the 'no free core' figure below.")

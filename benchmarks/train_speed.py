@@ -30,7 +30,8 @@ from _patches import DEFAULT_DATA, decoded_rows  # benchmarks/ is on the path wh
 from _timing import Side, Timed, compare, report
 from mitotype.config import load_config
 from mitotype.data.images import ImageStore
-from mitotype.inference.engine import resolve_device, to_input
+from mitotype.config import resolve_device
+from mitotype.transforms.batch import to_input
 from mitotype.models.registry import create_model
 from mitotype.training.loop import build_optimizer, epoch_order, fit
 

@@ -17,7 +17,7 @@ import torch
 
 from mitotype.data.images import decode_all
 from mitotype.data.readers import read_dataset
-from mitotype.models.bundled import bundle_run, half_precision_gap
+from mitotype.workflows.bundle import bundle_run, half_precision_gap
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "mitotype" / "bundled"
 

@@ -32,6 +32,12 @@ TINY = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The auto backend exports models into the ONNX cache: tests use their own, never the user's."""
+    os.environ.setdefault("MITOTYPE_CACHE_DIR", str(tmp_path_factory.mktemp("mitotype-cache")))
+
+
 def make_patch(rng: np.random.Generator, atypical: bool, size: int = PATCH) -> np.ndarray:
     img = np.full((size, size, 3), (235, 200, 220), dtype=np.float64)
     img += rng.normal(0, 12, img.shape)

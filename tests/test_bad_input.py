@@ -49,8 +49,8 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("work started before the output was checked")
 
-    monkeypatch.setattr("mitotype.workflows.runs.decode_all", refuse)
-    monkeypatch.setattr("mitotype.inference.predict.load_ensemble", refuse)
+    monkeypatch.setattr("mitotype.data.dataset.decode_all", refuse)
+    monkeypatch.setattr("mitotype.models.ensemble.load_ensemble", refuse)
 
 
 @pytest.fixture(scope="module")

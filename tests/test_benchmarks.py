@@ -113,7 +113,7 @@ def cv_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("bench-cv")
     cfg = load_config(None, TINY_CFG + ["train.epochs=1"])
-    cross_validate(cfg, load_dataset(write_class_folders(root / "data"), cfg), 3, root / "cv", n_boot=20, show_progress=False)
+    cross_validate(cfg, load_dataset(write_class_folders(root / "data"), cfg), folds=3, out=root / "cv", n_boot=20, show_progress=False)
     return root / "cv"
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from mitotype.config import DEFAULT_RECIPE, load_config
 from mitotype.errors import MitotypeError
 from mitotype.models import bundled
+from mitotype.workflows import bundle
 from mitotype.models.artifact import load_ensemble
 from mitotype.workflows.runs import cross_validate, load_dataset
 from conftest import run_cli as cli
@@ -25,13 +26,13 @@ def cv_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("bundle")
     data = write_class_folders(root / "data")
     cfg = load_config(None, TINY + ["train.epochs=1"])
-    cross_validate(cfg, load_dataset(data, cfg), 2, root / "cv")
+    cross_validate(cfg, load_dataset(data, cfg), folds=2, out=root / "cv")
     return root / "cv", data
 
 
 def test_bundle_halves_the_weights_and_keeps_the_cards(cv_run, tmp_path: Path) -> None:
     run, data = cv_run
-    info = bundled.bundle_run(run, tmp_path / "b", command="mitotype cv ...")
+    info = bundle.bundle_run(run, tmp_path / "b", command="mitotype cv ...")
     assert info["folds"] == 2 and info["weights"] == "float16" and info["command"] == "mitotype cv ..."
     assert info["cv"]["mean"]["balanced_accuracy"] == json.loads((run / "summary.json").read_text())["mean"]["balanced_accuracy"]
     weights = load_file(str(tmp_path / "b" / "fold_1" / "model.safetensors"))
@@ -44,13 +45,13 @@ def test_bundle_halves_the_weights_and_keeps_the_cards(cv_run, tmp_path: Path) -
     from mitotype.data.readers import read_dataset
 
     store, _ = decode_all(read_dataset(data).manifest["path"].tolist(), 32)
-    gap = bundled.half_precision_gap(run, tmp_path / "b", store.batch(np.arange(len(store))))
+    gap = bundle.half_precision_gap(run, tmp_path / "b", store.batch(np.arange(len(store))))
     assert 0 < gap < 1e-2  # halving changes the weights, but the probabilities barely
 
 
 def test_predict_without_model_uses_the_bundle(cv_run, tmp_path: Path, monkeypatch, capsys) -> None:
     run, data = cv_run
-    bundled.bundle_run(run, tmp_path / "b")
+    bundle.bundle_run(run, tmp_path / "b")
     monkeypatch.setattr(bundled, "bundled_model_dir", lambda: tmp_path / "b")
     code, _, err = cli(monkeypatch, capsys, "predict", data, "--out", tmp_path / "p.csv")
     assert code == 0, err
@@ -89,7 +90,7 @@ def test_bundle_carries_the_leave_one_source_out_figures_of_the_same_recipe(cv_r
               "specificity": 0.9, "f1": 0.5} for i, (name, n, ba) in enumerate((("MIDOG21/Hamamatsu XR", 358, 0.78), ("TUPAC16", 1602, 0.73)))]
     (tmp_path / "loso").mkdir()
     (tmp_path / "loso" / "summary.json").write_text(json.dumps({"recipe": recipe, "group_by": ["domain", "scanner"], "per_fold": folds}))
-    info = bundled.bundle_run(run, tmp_path / "b", domain_run=tmp_path / "loso")
+    info = bundle.bundle_run(run, tmp_path / "b", domain_run=tmp_path / "loso")
     held = info["leave_one_source_out"]
     assert held["group_by"] == ["domain", "scanner"] and held["source_run"] == str(tmp_path / "loso")
     assert held["per_source"] == {"MIDOG21/Hamamatsu XR": {"n": 358, "balanced_accuracy": 0.78, "roc_auc": 0.8, "sensitivity": 0.7,
@@ -98,20 +99,20 @@ def test_bundle_carries_the_leave_one_source_out_figures_of_the_same_recipe(cv_r
     assert json.loads((tmp_path / "b" / "bundle.json").read_text())["leave_one_source_out"] == held
     (tmp_path / "loso" / "summary.json").write_text(json.dumps({"recipe": "other", "group_by": ["domain"], "per_fold": folds}))
     with pytest.raises(MitotypeError, match=r"loso: not a leave-one-source-out run \(--group-by\) of recipe"):
-        bundled.bundle_run(run, tmp_path / "c", domain_run=tmp_path / "loso")
+        bundle.bundle_run(run, tmp_path / "c", domain_run=tmp_path / "loso")
     assert not (tmp_path / "c").exists() and not (tmp_path / "c.staging").exists()
 
 
 def test_bundle_with_oof_thresholds_gives_each_fold_the_best_threshold_of_the_other_folds(cv_run, tmp_path: Path) -> None:
     from mitotype.evaluation.metrics import best_threshold, binary_metrics
-    from mitotype.inference.predict import ensemble_threshold
+    from mitotype.models.ensemble import Ensemble
 
     run, _ = cv_run
     oof = pd.read_csv(run / "oof_predictions.csv")
     y, p, fold = oof["label"].to_numpy(), oof["p_atypical"].to_numpy(), oof["fold"].to_numpy()
     want = [best_threshold(y[fold != k], p[fold != k]) for k in (0, 1)]
     assert want[0] != want[1]  # the tiny folds disagree, so a fold-mixing bug shows
-    info = bundled.bundle_run(run, tmp_path / "b", oof_thresholds=True)
+    info = bundle.bundle_run(run, tmp_path / "b", oof_thresholds=True)
     models = load_ensemble(tmp_path / "b")
     assert [m.threshold for m in models] == pytest.approx(want)
     assert all("other folds" in m.card["provenance"]["threshold_rule"] for m in models)
@@ -119,5 +120,5 @@ def test_bundle_with_oof_thresholds_gives_each_fold_the_best_threshold_of_the_ot
     assert at["thresholds"] == pytest.approx({"fold_0": want[0], "fold_1": want[1]})
     held = [binary_metrics(y[fold == k], p[fold == k], want[k])["balanced_accuracy"] for k in (0, 1)]
     assert at["mean"]["balanced_accuracy"] == pytest.approx(np.mean(held))
-    assert ensemble_threshold(models) == pytest.approx(at["ensemble_threshold"])
+    assert Ensemble.load(tmp_path / "b").threshold == pytest.approx(at["ensemble_threshold"])
     assert [m.threshold for m in load_ensemble(run)] == [0.5, 0.5]  # the source run is left as it was

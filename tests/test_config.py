@@ -107,7 +107,7 @@ def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
 
 
 def test_bad_device_names_are_one_line() -> None:
-    from mitotype.inference.engine import resolve_device
+    from mitotype.config import resolve_device
 
     with pytest.raises(MitotypeError, match="expected auto, cpu, cuda"):
         resolve_device("gpu")

@@ -65,7 +65,7 @@ def test_cv_group_by_domain_never_trains_on_the_held_out_domain(amibr: Path, tin
         return real_fit(cfg, manifest, store, run_dir, train_idx, val_idx, **kw)
 
     monkeypatch.setattr("mitotype.workflows.runs.fit", spy)
-    summary = cross_validate(cfg, data, 5, tmp_path / "loo", group_by=["domain"])
+    summary = cross_validate(cfg, data, folds=5, out=tmp_path / "loo", group_by=["domain"])
     assert summary["folds"] == 2 and [f["held_out"] for f in summary["per_fold"]] == ["DOM_A", "DOM_B"]
     assert seen == [{"DOM_B"}, {"DOM_A"}]
     assert summary["per_fold"][0]["n"] == int((data.manifest["domain"] == "DOM_A").sum())

@@ -18,9 +18,11 @@ from conftest import PATCH, TINY, run_cli, write_class_folders
 from mitotype.config import HeadConfig, load_config
 from mitotype.errors import MitotypeError
 from mitotype.inference import export as ex
+from mitotype.inference import graph as gr
+from mitotype.inference import quantize as qz
 from mitotype.inference.backends import OnnxBackend, dihedral_view_nhwc
-from mitotype.inference.engine import predict_batch
-from mitotype.models.artifact import load_ensemble, save_model
+from mitotype.models.artifact import save_model
+from mitotype.models.ensemble import Ensemble
 from mitotype.models.registry import create_model
 from mitotype.transforms.augment import dihedral_view
 
@@ -43,11 +45,11 @@ def _save(folder: Path, *extra: str, seed: int = 0, heads: list[HeadConfig] | No
 
 
 def _patches(n: int = 12, size: int = PATCH, seed: int = 3) -> torch.Tensor:
-    return ex.random_patches(n, size, seed)
+    return gr.random_patches(n, size, seed)
 
 
 def _torch_p(model_dir: Path, patches: torch.Tensor, tta: bool = False) -> np.ndarray:
-    return predict_batch([m.model for m in load_ensemble(model_dir)], patches, CPU, tta=tta).numpy()
+    return Ensemble.load(model_dir).p_atypical(patches, tta)
 
 
 def _ort_p(path: Path, patches: torch.Tensor) -> np.ndarray:
@@ -79,7 +81,7 @@ def test_onnx_gives_pytorchs_probabilities(kind: str, tmp_path: Path) -> None:
     assert written["build"] == saved["build"] and written["threshold"] == 0.5
     assert written["input"]["shape"] == ["batch", PATCH, PATCH, 3] and written["input"]["dtype"] == "uint8"
     assert written["opset"] >= 17 and written["precision"] == "fp32" and written["check"]["max_abs_diff_vs_torch"] <= 1e-4
-    assert written["sha256"] == ex._file_hash(tmp_path / "m.onnx")
+    assert written["sha256"] == gr.file_hash(tmp_path / "m.onnx")
 
 
 def test_a_fold_ensemble_exports_as_one_graph_of_the_fold_mean(tmp_path: Path) -> None:
@@ -137,7 +139,7 @@ def _fake_scores(monkeypatch: pytest.MonkeyPatch, wrong_int8: int) -> None:
         int8[np.flatnonzero(y)[:wrong_int8]] = 0.0
         return {"fp32": y, "int8": int8}
 
-    monkeypatch.setattr(ex, "score_backends", fake)
+    monkeypatch.setattr(qz, "score_backends", fake)
 
 
 def test_int8_is_written_only_within_0_01_of_fp32(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -151,9 +153,9 @@ def test_int8_is_written_only_within_0_01_of_fp32(tmp_path: Path, monkeypatch: p
     assert card["precision"] == "int8" and card["int8"]["drop"] == 0.0 and card["int8"]["calib_n"] == 8
     types = {node.op_type for node in onnx.load(str(tmp_path / "q.onnx")).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= types  # a quantized graph was written, not the fp32 one
-    assert ex.int8_gate(0.80, 0.79)["drop"] == pytest.approx(0.01)  # exactly at the limit passes
+    assert qz.int8_gate(0.80, 0.79)["drop"] == pytest.approx(0.01)  # exactly at the limit passes
     with pytest.raises(MitotypeError, match="int8 refused"):
-        ex.int8_gate(0.80, 0.789)
+        qz.int8_gate(0.80, 0.789)
 
 
 def test_int8_figures_are_each_graphs_balanced_accuracy_on_the_check_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,7 +164,7 @@ def test_int8_figures_are_each_graphs_balanced_accuracy_on_the_check_data(tmp_pa
     from mitotype.inference.predict import predict_path
 
     model_dir, data = _save(tmp_path / "m"), _labelled(tmp_path / "d")
-    monkeypatch.setattr(ex, "INT8_MAX_DROP", 1.0)  # this untrained model loses 0.05: let it through to compare
+    monkeypatch.setattr(qz, "INT8_MAX_DROP", 1.0)  # this untrained model loses 0.05: let it through to compare
     monkeypatch.setenv("MITOTYPE_CACHE_DIR", str(tmp_path / "cache"))
     card = ex.export_model(model_dir, tmp_path / "q.onnx", int8=True, check_data=data, calib_n=8)["int8"]
     got = {}
@@ -189,19 +191,19 @@ def test_int8_of_a_fold_ensemble_is_gated_out_of_fold_on_its_splits(tmp_path: Pa
     splits["fold"] = np.arange(len(splits)) % 2
     splits.to_csv(tmp_path / "splits.csv", index=False)
     seen: dict[int, tuple[np.ndarray, dict]] = {}
-    real = ex.score_backends
+    real = qz.score_backends
 
-    def spy(backends: dict, paths: list[str], models: list, **k: object) -> dict:
-        fold = [m.path for m in models].index(members[0]) if members[0] in [m.path for m in models] else 1
-        assert len(models) == 1 and models[0].path == members[fold] and backends["int8"].path.name == f"fold_{fold}.int8.onnx"
+    def spy(backends: dict, paths: list[str], models: Ensemble, **k: object) -> dict:
+        fold = models.paths.index(members[0]) if members[0] in models.paths else 1
+        assert len(models) == 1 and models.paths[0] == members[fold] and backends["int8"].path.name == f"fold_{fold}.int8.onnx"
         rows = splits["fold"] == fold
         assert sorted(paths) == sorted(splits.loc[rows, "path"])  # its own held-out rows, nothing else
         got = real(backends, paths, models, **k)
         seen[fold] = (splits.set_index("path").loc[paths, "label"].to_numpy(), got)
         return got
 
-    monkeypatch.setattr(ex, "score_backends", spy)
-    monkeypatch.setattr(ex, "INT8_MAX_DROP", 1.0)
+    monkeypatch.setattr(qz, "score_backends", spy)
+    monkeypatch.setattr(qz, "INT8_MAX_DROP", 1.0)
     card = ex.export_model(run, tmp_path / "q.onnx", int8=True, check_data=tmp_path / "splits.csv", calib_n=8)["int8"]
     assert sorted(seen) == [0, 1] and card["out_of_fold"] is True and card["n"] == 20
     y = np.concatenate([seen[k][0] for k in (0, 1)])
@@ -217,15 +219,13 @@ def test_int8_of_a_fold_ensemble_is_gated_out_of_fold_on_its_splits(tmp_path: Pa
 # the command line
 
 
-
-
 def test_predict_with_onnxruntime_writes_the_torch_backends_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setenv("MITOTYPE_CACHE_DIR", str(tmp_path / "cache"))
     model_dir, data = _save(tmp_path / "m"), write_class_folders(tmp_path / "d", n_atypical=6, n_normal=8)
     tables = {}
     for tta in ((), ("--tta",)):
-        code, _, err = run_cli(monkeypatch, capsys, "predict", data, "--model", model_dir, "--out", tmp_path / "t.csv", *tta)
+        code, _, err = run_cli(monkeypatch, capsys, "predict", data, "--model", model_dir, "--out", tmp_path / "t.csv", *tta, "--backend", "torch")
         assert code == 0, err
         code, _, err = run_cli(monkeypatch, capsys, "predict", data, "--model", model_dir, "--out", tmp_path / "o.csv", *tta,
                             "--backend", "onnxruntime")
@@ -261,7 +261,7 @@ def test_predict_with_openvino_writes_the_torch_backends_table(tmp_path: Path, m
     monkeypatch.setattr(backends.OpenVinoBackend, "_run", lambda self, x: (runs.append(len(x)), real_run(self, x))[1])
     for extra in ((), ("--tta",), ("--onnx", tmp_path / "x.onnx")):
         base = ["predict", data, "--model", model_dir, *[e for e in extra if e == "--tta"]]
-        code, _, err = run_cli(monkeypatch, capsys, *base, "--out", tmp_path / "t.csv")
+        code, _, err = run_cli(monkeypatch, capsys, *base, "--out", tmp_path / "t.csv", "--backend", "torch")
         assert code == 0, err
         code, _, err = run_cli(monkeypatch, capsys, "predict", data, "--model", model_dir, *extra, "--out", tmp_path / "v.csv",
                                "--backend", "openvino")
@@ -270,7 +270,9 @@ def test_predict_with_openvino_writes_the_torch_backends_table(tmp_path: Path, m
         assert np.ptp(t["p_atypical"]) > 0.05
         np.testing.assert_allclose(v["p_atypical"], t["p_atypical"], atol=1e-4, rtol=0)
         assert v.drop(columns="p_atypical").equals(t.drop(columns="p_atypical"))
-    assert sum(runs) == 14 * (1 + 8 + 1)  # OpenVINO ran every patch: once, 8 views with --tta, once
+    # OpenVINO ran every patch (once, 8 views with --tta, once) and, once, the 8 + 1 random patches of
+    # the check against PyTorch when the cached graph was built
+    assert runs[:2] == [8, 1] and sum(runs) == 9 + 14 * (1 + 8 + 1)
     import builtins
 
     real_import = builtins.__import__
@@ -285,15 +287,15 @@ def test_openvino_bf16_compiles_in_bfloat16_where_the_cpu_has_it(tmp_path: Path,
     """``openvino-bf16`` asks OpenVINO for bf16 (native on AVX-512 BF16 / AMX CPUs, which report BF16
     among their optimization capabilities), ``openvino`` for f32; both close to PyTorch."""
     ov = pytest.importorskip("openvino", reason="openvino not installed (pip install 'mitotype[openvino]')")
-    from mitotype.inference.backends import TorchBackend, make_backend
+    from mitotype.inference.runtime import make_backend
 
     monkeypatch.setenv("MITOTYPE_CACHE_DIR", str(tmp_path / "cache"))
-    models = load_ensemble(_save(tmp_path / "m"))
+    ensemble = Ensemble.load(_save(tmp_path / "m"))
     native = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     batch = _patches(16)
-    want = TorchBackend([m.model for m in models], torch.device("cpu")).p_atypical(batch)
+    want = ensemble.p_atypical(batch)
     for name, precision, tol in (("openvino", "f32", 1e-4), ("openvino-bf16", "bf16" if native else "f32", 0.05)):
-        backend = make_backend(name, models, torch.device("cpu"))
+        backend = make_backend(name, ensemble)
         assert backend.name == name
         assert backend.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == precision
         np.testing.assert_allclose(backend.p_atypical(batch), want, atol=tol, rtol=0)
@@ -336,8 +338,9 @@ def test_bad_export_and_backend_options_are_one_line_errors(tmp_path: Path, monk
     _one_line(*run_cli(monkeypatch, capsys, "export", model_dir, tmp_path)[::2], "OUT", "is a folder")
     assert not out.exists()
     predict = ["predict", data, "--model", model_dir, "--out", tmp_path / "p.csv"]
-    _one_line(*run_cli(monkeypatch, capsys, *predict, "--backend", "tensorrt")[::2], "--backend 'tensorrt'", "torch, onnxruntime")
-    _one_line(*run_cli(monkeypatch, capsys, *predict, "--onnx", out)[::2], "--onnx is read by the onnxruntime and openvino backends only")
+    _one_line(*run_cli(monkeypatch, capsys, *predict, "--backend", "tensorrt")[::2], "'--backend'", "'tensorrt' is not one of 'auto', 'torch', 'onnxruntime'")
+    _one_line(*run_cli(monkeypatch, capsys, *predict, "--backend", "torch", "--onnx", out)[::2],
+              "--onnx is read by the onnxruntime and openvino backends only")
     _one_line(*run_cli(monkeypatch, capsys, *predict, "--backend", "onnxruntime", "--onnx", out)[::2], "--onnx", "no such file")
     ex.export_model(other, out)
     _one_line(*run_cli(monkeypatch, capsys, *predict, "--backend", "onnxruntime", "--onnx", out)[::2], "exported from other weights")
@@ -349,9 +352,9 @@ def test_int8_calibration_reads_one_batch_per_collect_call(tmp_path: Path, monke
     lite0 ensemble on 256 patches was killed for memory): each call must read one batch only."""
     from onnxruntime.quantization.calibrate import HistogramCalibrater
 
-    models = load_ensemble(_save(tmp_path / "m"))
-    graph, size = ex._graph(models)
-    ex.write_onnx(graph, size, tmp_path / "fp32.onnx")
+    ensemble = Ensemble.load(_save(tmp_path / "m"))
+    graph, size = gr.inference_graph(ensemble), ensemble.patch_size
+    gr.write_onnx(graph, size, tmp_path / "fp32.onnx")
     per_call: list[int] = []
     real = HistogramCalibrater.collect_data
 
@@ -363,7 +366,7 @@ def test_int8_calibration_reads_one_batch_per_collect_call(tmp_path: Path, monke
         per_call.append(len(seen))
 
     monkeypatch.setattr(HistogramCalibrater, "collect_data", counting)
-    ex.quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", [_patches(4, seed=s).numpy() for s in range(3)])
+    qz.quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", [_patches(4, seed=s).numpy() for s in range(3)])
     assert per_call == [1, 1, 1]
     types = {node.op_type for node in onnx.load(str(tmp_path / "int8.onnx")).graph.node}
     assert "QuantizeLinear" in types
@@ -374,12 +377,12 @@ def test_int8_keeps_preprocessing_first_conv_residual_adds_and_heads_fp32_and_ca
     """The choices that cut the bundled model's int8 loss from 0.043 to 0.012 balanced accuracy."""
     import onnxruntime.quantization as q
 
-    models = load_ensemble(_save(tmp_path / "m", "model.center_crop=24"))
-    graph, size = ex._graph(models)
-    ex.write_onnx(graph, size, tmp_path / "fp32.onnx")
+    ensemble = Ensemble.load(_save(tmp_path / "m", "model.center_crop=24"))
+    graph, size = gr.inference_graph(ensemble), ensemble.patch_size
+    gr.write_onnx(graph, size, tmp_path / "fp32.onnx")
     seen = {}
     monkeypatch.setattr(q, "quantize_static", lambda src, dst, reader, **kw: seen.update(src=src, **kw))
-    ex.quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", [_patches(4).numpy()])
+    qz.quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", [_patches(4).numpy()])
     nodes = list(onnx.load(seen["src"]).graph.node)
     first_conv = next(i for i, n in enumerate(nodes) if n.op_type == "Conv")
     kept = set(seen["nodes_to_exclude"])

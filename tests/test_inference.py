@@ -1,4 +1,4 @@
-"""predict_batch, numerically: a fold ensemble is the plain mean of its members, and TTA is the mean
+"""The Ensemble, numerically: a fold ensemble is the plain mean of its members, and TTA is the mean
 over the 8 dihedral views, so its output does not change when the input is flipped or rotated."""
 
 from __future__ import annotations
@@ -8,10 +8,15 @@ import torch
 from torch import nn
 
 from mitotype.config import ModelConfig
-from mitotype.inference.engine import predict_batch
+from mitotype.models.ensemble import Ensemble
 from mitotype.models.registry import create_model
 
 CPU = torch.device("cpu")
+
+
+def predict_batch(nets, u8: torch.Tensor, device: torch.device, tta: bool = False, amp: bool = False) -> torch.Tensor:
+    """The ensemble's p_atypical as a tensor, to compare with torch.allclose."""
+    return torch.from_numpy(Ensemble(nets, device=device, amp=amp).p_atypical(u8, tta))
 
 
 class Probe(nn.Module):
@@ -106,7 +111,7 @@ def test_mixed_precision_is_cuda_only_and_results_come_back_on_the_cpu() -> None
 ])
 def test_resolve_device(monkeypatch: pytest.MonkeyPatch, name: str, available: bool, count: int, want: str) -> None:
     from mitotype.errors import MitotypeError
-    from mitotype.inference.engine import resolve_device
+    from mitotype.config import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
@@ -119,7 +124,7 @@ def test_resolve_device(monkeypatch: pytest.MonkeyPatch, name: str, available: b
 
 
 def test_resolve_device_defaults_to_auto(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mitotype.inference.engine import resolve_device
+    from mitotype.config import resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device() == torch.device("cpu")

@@ -21,6 +21,7 @@ from conftest import TINY
 from mitotype.data.points import read_points
 from mitotype.data.slides import PlainSource, TiffSlideSource, choose_level, region_side
 from mitotype.errors import MitotypeError
+from mitotype.models.ensemble import Ensemble
 from mitotype.inference.points import iter_point_batches, predict_points, summary_table, point_table, wilson_interval
 
 P = 32  # the tiny model's patch size
@@ -244,9 +245,9 @@ def test_the_card_mpp_picks_the_slide_level(tmp_path: Path, monkeypatch: pytest.
     pyramid = write_slide(tmp_path / "s.tif", noise_image(256, 256), mpp=0.25)
     pd.DataFrame({"image": ["s.tif"], "x": [100], "y": [60]}).to_csv(tmp_path / "p.csv", index=False)
     model = save_tiny_model(tmp_path / "m", 0.5)
-    seen, real = [], points_mod.predict_batch
-    monkeypatch.setattr(points_mod, "predict_batch", lambda m, b, *a, **k: (seen.append(b.numpy().copy()), real(m, b, *a, **k))[1])
-    predict_points(model, tmp_path / "p.csv", tmp_path / "o.csv", device="cpu")
+    seen, real = [], Ensemble.p_atypical
+    monkeypatch.setattr(Ensemble, "p_atypical", lambda self, b, tta=False: (seen.append(b.numpy().copy()), real(self, b, tta))[1])
+    predict_points(model, tmp_path / "p.csv", tmp_path / "o.csv", device="cpu", backend="torch")
     assert np.array_equal(seen[0][0], pyramid[1][30 - 16:30 + 16, 50 - 16:50 + 16])  # level 1 (0.5 um/px) around (50, 30)
 
 
@@ -268,38 +269,38 @@ def test_resume_after_interruption_gives_the_uninterrupted_file(tmp_path: Path, 
     rows = pd.concat([rows, pd.DataFrame({"image": ["s.tif"] * 6, "x": range(10, 70, 10), "y": 64, "note": "s"})])
     rows.sample(frac=1, random_state=0).to_csv(csv, index=False)  # images interleaved: still each opened once
     images = tmp_path / "mitdet" / "png"
-    predict_points(tiny_model, csv, tmp_path / "full.csv", images=images, device="cpu", batch_size=3)
+    predict_points(tiny_model, csv, tmp_path / "full.csv", images=images, device="cpu", backend="torch", batch_size=3)
 
-    real, seen, limit = points_mod.predict_batch, [], [2]
+    real, seen, limit = Ensemble.p_atypical, [], [2]
 
-    def interrupted(models, batch, *a, **k):
+    def interrupted(self, batch, tta=False):
         if len(seen) == limit[0]:
             raise KeyboardInterrupt
         seen.append(len(batch))
-        return real(models, batch, *a, **k)
+        return real(self, batch, tta)
 
-    monkeypatch.setattr(points_mod, "predict_batch", interrupted)
+    monkeypatch.setattr(Ensemble, "p_atypical", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        predict_points(tiny_model, csv, tmp_path / "run.csv", images=images, device="cpu", batch_size=3)
+        predict_points(tiny_model, csv, tmp_path / "run.csv", images=images, device="cpu", backend="torch", batch_size=3)
     partial = tmp_path / "run.partial.csv"
     assert len(partial.read_text().splitlines()) == 2 + 6 and not (tmp_path / "run.csv").exists()
     with open(partial, "a") as fh:
         fh.write("7,0.12")  # a line cut mid-write by the kill: ignored
     with pytest.raises(MitotypeError, match="written for other points, model or options"):
-        predict_points(tiny_model, csv, tmp_path / "run.csv", images=images, device="cpu", batch_size=3, tta=True, resume=True)
+        predict_points(tiny_model, csv, tmp_path / "run.csv", images=images, device="cpu", backend="torch", batch_size=3, tta=True, resume=True)
     text = partial.read_text()
     partial.write_text(text.replace("point,p_atypical\n", "point,p_atypical\nbroken\n"))
     with pytest.raises(MitotypeError, match=r"run\.partial\.csv line 3: 'broken' is not a finished point"):
-        predict_points(tiny_model, csv, tmp_path / "run.csv", images=images, device="cpu", batch_size=3, resume=True)
+        predict_points(tiny_model, csv, tmp_path / "run.csv", images=images, device="cpu", backend="torch", batch_size=3, resume=True)
     partial.write_text(text)
 
     seen.clear(), limit.__setitem__(0, 1)  # resumed, and interrupted again after one batch
     with pytest.raises(KeyboardInterrupt):
-        predict_points(tiny_model, csv, tmp_path / "run.csv", images=images, device="cpu", batch_size=3, resume=True)
+        predict_points(tiny_model, csv, tmp_path / "run.csv", images=images, device="cpu", backend="torch", batch_size=3, resume=True)
     assert seen == [3] and len(partial.read_text().splitlines()) == 2 + 6 + 3  # the cut line was dropped
     seen.clear()
-    monkeypatch.setattr(points_mod, "predict_batch", lambda m, b, *a, **k: (seen.append(len(b)), real(m, b, *a, **k))[1])
-    predict_points(tiny_model, csv, tmp_path / "run.csv", images=images, device="cpu", batch_size=3, resume=True)
+    monkeypatch.setattr(Ensemble, "p_atypical", lambda self, b, tta=False: (seen.append(len(b)), real(self, b, tta))[1])
+    predict_points(tiny_model, csv, tmp_path / "run.csv", images=images, device="cpu", backend="torch", batch_size=3, resume=True)
     assert seen == [2]  # only the unfinished points were classified
     assert (tmp_path / "run.csv").read_bytes() == (tmp_path / "full.csv").read_bytes()
     assert (tmp_path / "run.summary.csv").read_bytes() == (tmp_path / "full.summary.csv").read_bytes()
@@ -312,7 +313,7 @@ def test_resume_after_interruption_gives_the_uninterrupted_file(tmp_path: Path, 
 def test_cli_predict_points_end_to_end(tmp_path: Path, tiny_model: Path) -> None:
     csv, mitdet, coco = write_three_formats(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "mitotype", "predict", "--points", str(coco), "--images", str(mitdet / "png"),
+    run = subprocess.run([sys.executable, "-m", "mitotype", "points", str(coco), "--images", str(mitdet / "png"),
                           "--model", str(tiny_model), "--out", str(tmp_path / "o.csv"), "--threshold", "0.01", "--device", "cpu"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
@@ -324,12 +325,13 @@ def test_cli_predict_points_end_to_end(tmp_path: Path, tiny_model: Path) -> None
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--points", "{bad}"], "bad.csv row 2: y 'oops' is not a number"),
-    (["--points", "{bad}", "--slide-mpp", "0"], "--slide-mpp 0.0: expected microns per pixel in (0, 100)"),
-    (["{bad}", "--points", "{bad}"], "give INPUT"),
-    ([], "give INPUT (a folder or manifest of patches) or --points"),
-    (["--points", "{bad}", "--skip-bad"], "--skip-bad: not used with --points"),
-    (["{bad}", "--resume"], "--resume: only used with --points"),
+    (["points", "{bad}"], "bad.csv row 2: y 'oops' is not a number"),
+    (["points", "{bad}", "--slide-mpp", "0"], "--slide-mpp 0.0: expected microns per pixel in (0, 100)"),
+    (["predict", "--points", "{bad}"], "--points: classifying points is its own command now: mitotype points"),
+    (["predict"], "predict: give INPUT (a folder or manifest of patches); for points use `mitotype points`"),
+    (["points", "{bad}", "--skip-bad"], "No such option: --skip-bad"),
+    (["predict", "{bad}", "--resume"], "No such option: --resume"),
+    (["points", "{bad}", "--backend", "tensorrt"], "'tensorrt' is not one of 'auto', 'torch'"),
 ])
 def test_cli_predict_points_bad_input_is_one_line(tmp_path: Path, tiny_model: Path, args: list[str], message: str,
                                                   monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
@@ -337,7 +339,7 @@ def test_cli_predict_points_bad_input_is_one_line(tmp_path: Path, tiny_model: Pa
 
     pd.DataFrame({"image": ["a.png"], "x": [1], "y": ["oops"]}).to_csv(tmp_path / "bad.csv", index=False)
     argv = [a.format(bad=tmp_path / "bad.csv") for a in args]
-    monkeypatch.setattr(sys, "argv", ["mitotype", "predict", *argv, "--model", str(tiny_model), "--out", str(tmp_path / "o.csv")])
+    monkeypatch.setattr(sys, "argv", ["mitotype", *argv, "--model", str(tiny_model), "--out", str(tmp_path / "o.csv")])
     with pytest.raises(SystemExit) as exit_:
         main()
     assert exit_.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "o.partial.csv").exists()

@@ -17,7 +17,7 @@ import mitotype.workflows.runs as runs
 from conftest import write_class_folders
 from mitotype.config import load_config
 from mitotype.data.splits import grouped_folds, train_val_split
-from mitotype.training.loop import Interrupted
+from mitotype.training.loop import Interrupted, stop_after
 from mitotype.workflows.runs import cross_validate, load_dataset, train
 
 TIMING = ("wall_seconds", "seconds")  # wall-clock fields: the only ones allowed to differ between runs
@@ -37,14 +37,14 @@ class FitSpy:
             self.epochs[Path(path).parent.parent.name] += 1
             return real_save(path, state)
 
-        def fit(cfg, manifest, store, run_dir, train_idx, val_idx=None, resume=False, **kwargs):
+        def fit(cfg, manifest, store, run_dir, *, train_idx, val_idx=None, resume=False, **kwargs):
             name = Path(run_dir).name
             self.calls.append({"dir": name, "manifest": manifest, "train": np.asarray(train_idx),
                                "val": None if val_idx is None else np.asarray(val_idx), "resume": resume})
             if name == self.interrupt:
                 self.interrupt = None  # once: the resumed call runs to the end
-                kwargs["stop_after_epoch"] = 1
-            return real_fit(cfg, manifest, store, run_dir, train_idx, val_idx, resume=resume, **kwargs)
+                kwargs["on_epoch"] = stop_after(1)
+            return real_fit(cfg, manifest, store, run_dir, train_idx=train_idx, val_idx=val_idx, resume=resume, **kwargs)
 
         monkeypatch.setattr(loop, "save_checkpoint", save)
         monkeypatch.setattr(runs, "fit", fit)
@@ -63,17 +63,17 @@ def test_cv_resumed_inside_a_fold_matches_an_uninterrupted_run(amibr: Path, tiny
     cfg = load_config(None, tiny + ["train.epochs=2", "data.val_fraction=0.3", "train.threshold=auto", "model.drop_rate=0.3"])
     ds = load_dataset(amibr, cfg)
     whole = FitSpy(monkeypatch)
-    cross_validate(cfg, ds, 3, tmp_path / "whole", n_boot=50, show_progress=False)
+    cross_validate(cfg, ds, folds=3, out=tmp_path / "whole", n_boot=50, show_progress=False)
     assert whole.epochs == {"fold_0": 2, "fold_1": 2, "fold_2": 2}
 
     cut = FitSpy(monkeypatch, interrupt="fold_1")
     with pytest.raises(Interrupted):
-        cross_validate(cfg, ds, 3, tmp_path / "cut", n_boot=50, show_progress=False)
+        cross_validate(cfg, ds, folds=3, out=tmp_path / "cut", n_boot=50, show_progress=False)
     assert [c["dir"] for c in cut.calls] == ["fold_0", "fold_1"] and cut.epochs == {"fold_0": 2, "fold_1": 1}
     assert not (tmp_path / "cut" / "summary.json").exists()
 
     resumed = FitSpy(monkeypatch)
-    cross_validate(cfg, ds, 3, tmp_path / "cut", resume=True, n_boot=50, show_progress=False)
+    cross_validate(cfg, ds, folds=3, out=tmp_path / "cut", resume=True, n_boot=50, show_progress=False)
     assert [(c["dir"], c["resume"]) for c in resumed.calls] == [("fold_1", True), ("fold_2", True)]  # fold 0 is not refitted
     assert resumed.epochs == {"fold_1": 1, "fold_2": 2}  # fold 1 continues from its checkpoint: one epoch left
 
@@ -85,7 +85,7 @@ def test_cv_resumed_inside_a_fold_matches_an_uninterrupted_run(amibr: Path, tiny
         assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
 
     again = FitSpy(monkeypatch)
-    cross_validate(cfg, ds, 3, tmp_path / "cut", resume=True, n_boot=50, show_progress=False)
+    cross_validate(cfg, ds, folds=3, out=tmp_path / "cut", resume=True, n_boot=50, show_progress=False)
     assert again.calls == [] and sum(again.epochs.values()) == 0  # a finished cv run is all reuse
     assert _without_timing(json.loads((tmp_path / "cut" / "summary.json").read_text())) == _without_timing(a)
 
@@ -108,7 +108,7 @@ def test_cv_never_trains_on_the_held_out_fold_the_test_split_or_its_inner_valida
     ds = load_dataset(root, cfg)
     spy = FitSpy(monkeypatch)
     with pytest.warns(UserWarning, match="test split set aside"):
-        cross_validate(cfg, ds, 3, tmp_path / "cv", n_boot=20, show_progress=False)
+        cross_validate(cfg, ds, folds=3, out=tmp_path / "cv", n_boot=20, show_progress=False)
     splits = pd.read_csv(tmp_path / "cv" / "splits.csv", keep_default_na=False)
     assert not {str(Path(p).resolve()) for p in splits["path"]} & test_paths and len(splits) == 32
     assert len(spy.calls) == 3
@@ -143,7 +143,7 @@ def test_cv_split_seed_is_honoured(amibr: Path, tiny: list[str], tmp_path: Path,
         cfg = load_config(None, tiny + [f"data.split_seed={seed}"])
         ds = load_dataset(amibr, cfg)
         with pytest.raises(Stop):
-            cross_validate(cfg, ds, 4, tmp_path / f"cv{seed}", show_progress=False)
+            cross_validate(cfg, ds, folds=4, out=tmp_path / f"cv{seed}", show_progress=False)
         folds[seed] = seen.pop("folds")
         assert np.array_equal(folds[seed], grouped_folds(ds.manifest, 4, seed))
     assert not np.array_equal(folds[1], folds[2])
@@ -195,7 +195,7 @@ def test_an_interrupted_train_keeps_its_directory_and_a_nested_out_is_created(tm
     cfg = load_config(None, [*TINY, "train.epochs=2"])
     out = tmp_path / "a" / "b" / "run"
     with pytest.raises(Interrupted):
-        train(cfg, load_dataset(data, cfg), out, stop_after_epoch=1, show_progress=False)
+        train(cfg, load_dataset(data, cfg), out, on_epoch=stop_after(1), show_progress=False)
     assert (out / "checkpoints" / "last.pt").is_file() and (out / "config.yaml").is_file()  # kept for --resume
     train(cfg, load_dataset(data, cfg), out, resume=True, show_progress=False)
     assert (out / "model.json").is_file()

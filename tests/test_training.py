@@ -14,7 +14,7 @@ from mitotype.errors import MitotypeError
 from mitotype.evaluation.metrics import best_threshold, binary_metrics
 from mitotype.models.registry import Head
 from mitotype.training.checkpoint import load_checkpoint
-from mitotype.training.loop import Interrupted, epoch_order, fit
+from mitotype.training.loop import Interrupted, epoch_order, fit, stop_after
 from mitotype.training.losses import MISSING, HeadLoss, class_weights, focal_loss, head_targets
 from mitotype.workflows.runs import cross_validate, load_dataset, train
 from mitotype.training.schedule import WarmupCosine
@@ -116,11 +116,11 @@ def test_fit_weights_the_loss_by_the_training_rows_class_counts(amibr: Path, tin
     monkeypatch.setattr(loop, "HeadLoss", Recorded)
     cfg, ds = _data(amibr, tiny, "train.epochs=1", "loss.class_weights=true")
     train_idx = np.flatnonzero(np.arange(len(ds.manifest)) % 5 != 0)
-    fit(cfg, ds.manifest, ds.store, tmp_path / "run", train_idx, show_progress=False)
+    fit(cfg, ds.manifest, ds.store, tmp_path / "run", train_idx=train_idx, show_progress=False)
     counts = np.bincount(ds.manifest["label"].to_numpy()[train_idx], minlength=2)
     assert built[0].class_weight_label.tolist() == pytest.approx((counts.sum() / (2 * counts)).tolist())
     cfg, _ = _data(amibr, tiny, "train.epochs=1")
-    fit(cfg, ds.manifest, ds.store, tmp_path / "plain", train_idx, show_progress=False)
+    fit(cfg, ds.manifest, ds.store, tmp_path / "plain", train_idx=train_idx, show_progress=False)
     assert built[1].class_weight_label.numel() == 0  # off by default
 
 
@@ -189,8 +189,8 @@ def test_train_writes_a_complete_run_directory(amibr: Path, tiny: list[str], tmp
 def test_training_is_deterministic_on_cpu(amibr: Path, tiny: list[str], tmp_path: Path) -> None:
     cfg, ds = _data(amibr, tiny, "train.epochs=1")
     idx = np.arange(len(ds.manifest))
-    a = fit(cfg, ds.manifest, ds.store, tmp_path / "a", idx, show_progress=False)
-    b = fit(cfg, ds.manifest, ds.store, tmp_path / "b", idx, show_progress=False)
+    a = fit(cfg, ds.manifest, ds.store, tmp_path / "a", train_idx=idx, show_progress=False)
+    b = fit(cfg, ds.manifest, ds.store, tmp_path / "b", train_idx=idx, show_progress=False)
     for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert torch.equal(x, y), name
 
@@ -199,11 +199,11 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(amibr: Path, tiny: list[s
     cfg, ds = _data(amibr, tiny, "train.epochs=3", "model.drop_rate=0.3")
     manifest = ds.manifest
     train_idx, val_idx = np.flatnonzero(np.arange(len(manifest)) % 4 != 0), np.flatnonzero(np.arange(len(manifest)) % 4 == 0)
-    whole = fit(cfg, manifest, ds.store, tmp_path / "whole", train_idx, val_idx, show_progress=False)
+    whole = fit(cfg, manifest, ds.store, tmp_path / "whole", train_idx=train_idx, val_idx=val_idx, show_progress=False)
     with pytest.raises(Interrupted):
-        fit(cfg, manifest, ds.store, tmp_path / "cut", train_idx, val_idx, stop_after_epoch=1, show_progress=False)
+        fit(cfg, manifest, ds.store, tmp_path / "cut", train_idx=train_idx, val_idx=val_idx, on_epoch=stop_after(1), show_progress=False)
     assert not (tmp_path / "cut" / "model.json").exists()
-    resumed = fit(cfg, manifest, ds.store, tmp_path / "cut", train_idx, val_idx, resume=True, show_progress=False)
+    resumed = fit(cfg, manifest, ds.store, tmp_path / "cut", train_idx=train_idx, val_idx=val_idx, resume=True, show_progress=False)
     drop = ("train_seconds",)
     strip = lambda h: [{k: v for k, v in r.items() if k not in drop} for r in h]  # noqa: E731
     assert strip(resumed.history) == strip(whole.history)
@@ -230,7 +230,7 @@ def test_early_stopping_stops_after_patience_and_keeps_the_best_epoch(amibr: Pat
     cfg, ds = _data(amibr, tiny, "train.epochs=8", "train.patience=2", "train.keep_epoch_checkpoints=true")
     idx = np.arange(len(ds.manifest))
     _scripted_val_scores(monkeypatch, [0.5, 0.7, 0.6, 0.7, 0.9, 0.95])  # best at epoch 2; 0.7 again is no gain
-    result = fit(cfg, ds.manifest, ds.store, tmp_path / "run", idx[idx % 4 != 0], idx[idx % 4 == 0], show_progress=False)
+    result = fit(cfg, ds.manifest, ds.store, tmp_path / "run", train_idx=idx[idx % 4 != 0], val_idx=idx[idx % 4 == 0], show_progress=False)
     assert [r["epoch"] for r in result.history] == [1, 2, 3, 4]  # two epochs without gain, then stop
     assert [r["val_balanced_accuracy"] for r in result.history] == [0.5, 0.7, 0.6, 0.7]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("epoch_*")) == [f"epoch_00{e}.safetensors" for e in range(1, 5)]
@@ -244,13 +244,13 @@ def test_early_stopping_stops_after_patience_and_keeps_the_best_epoch(amibr: Pat
 
     _scripted_val_scores(monkeypatch, [0.5, 0.7, 0.6, 0.7])
     cfg, _ = _data(amibr, tiny, "train.epochs=5", "train.patience=0")  # patience 0: never stop early
-    result = fit(cfg, ds.manifest, ds.store, tmp_path / "off", idx[idx % 4 != 0], idx[idx % 4 == 0], show_progress=False)
+    result = fit(cfg, ds.manifest, ds.store, tmp_path / "off", train_idx=idx[idx % 4 != 0], val_idx=idx[idx % 4 == 0], show_progress=False)
     assert len(result.history) == 5
 
 
 def test_cv_writes_oof_predictions_and_resumes_finished_folds(amibr: Path, tiny: list[str], tmp_path: Path) -> None:
     cfg, ds = _data(amibr, tiny, "train.epochs=1")
-    summary = cross_validate(cfg, ds, 3, tmp_path / "cv", n_boot=50, show_progress=False)
+    summary = cross_validate(cfg, ds, folds=3, out=tmp_path / "cv", n_boot=50, show_progress=False)
     oof = pd.read_csv(tmp_path / "cv" / "oof_predictions.csv")
     assert oof["p_atypical"].between(0, 1).all() and set(oof["fold"]) == {0, 1, 2}
     assert oof.groupby("group")["fold"].nunique().max() == 1
@@ -265,12 +265,12 @@ def test_cv_writes_oof_predictions_and_resumes_finished_folds(amibr: Path, tiny:
     card = json.loads((tmp_path / "cv" / "fold_1" / "model.json").read_text())
     assert card["provenance"]["metrics"]["held_out_fold"]["n"] == summary["per_fold"][1]["n"]
     with pytest.raises(MitotypeError, match="resume with other folds"):
-        cross_validate(cfg, ds, 4, tmp_path / "cv", resume=True, n_boot=50, show_progress=False)
+        cross_validate(cfg, ds, folds=4, out=tmp_path / "cv", resume=True, n_boot=50, show_progress=False)
 
 
 def test_cv_threshold_oof_gives_each_fold_the_threshold_best_on_the_other_folds(amibr: Path, tiny: list[str], tmp_path: Path) -> None:
     cfg, ds = _data(amibr, tiny, "train.epochs=1", "train.threshold=oof")
-    summary = cross_validate(cfg, ds, 3, tmp_path / "cv", n_boot=50, show_progress=False)
+    summary = cross_validate(cfg, ds, folds=3, out=tmp_path / "cv", n_boot=50, show_progress=False)
     oof = pd.read_csv(tmp_path / "cv" / "oof_predictions.csv")
     y, p, fold = oof["label"].to_numpy(), oof["p_atypical"].to_numpy(), oof["fold"].to_numpy()
     for k in range(3):
@@ -323,12 +323,12 @@ def test_ema_validates_and_saves_the_moving_average_not_the_raw_weights(amibr: P
             updates.append(step)
             super().update(model, step)
 
-    real_predict = loop.predict_rows
+    real_ensemble = loop.Ensemble
     monkeypatch.setattr(loop, "ModelEmaV3", Counted)
-    monkeypatch.setattr(loop, "predict_rows", lambda models, *a, **k: scored.append(models[0]) or real_predict(models, *a, **k))
+    monkeypatch.setattr(loop, "Ensemble", lambda nets, **k: scored.append(nets[0]) or real_ensemble(nets, **k))
     cfg, ds = _data(amibr, tiny, "train.epochs=2", "train.ema_decay=0.999999", "train.lr=0.01")
     rows = np.arange(len(ds.manifest))
-    result = fit(cfg, ds.manifest, ds.store, tmp_path / "run", rows, show_progress=False)
+    result = fit(cfg, ds.manifest, ds.store, tmp_path / "run", train_idx=rows, show_progress=False)
     assert len(updates) == 2 * math.ceil(len(rows) / cfg.train.batch_size)  # once after every optimiser step
     loop.seed_everything(cfg.train.seed)
     init = create_model(cfg.model).state_dict()
@@ -342,16 +342,16 @@ def test_ema_validates_and_saves_the_moving_average_not_the_raw_weights(amibr: P
 
     # an interrupted run resumes the average too, and ends as the uninterrupted one
     cfg, _ = _data(amibr, tiny, "train.epochs=3", "train.ema_decay=0.6")
-    whole = fit(cfg, ds.manifest, ds.store, tmp_path / "whole", rows, show_progress=False)
+    whole = fit(cfg, ds.manifest, ds.store, tmp_path / "whole", train_idx=rows, show_progress=False)
     with pytest.raises(Interrupted):
-        fit(cfg, ds.manifest, ds.store, tmp_path / "cut", rows, stop_after_epoch=1, show_progress=False)
-    resumed = fit(cfg, ds.manifest, ds.store, tmp_path / "cut", rows, resume=True, show_progress=False)
+        fit(cfg, ds.manifest, ds.store, tmp_path / "cut", train_idx=rows, on_epoch=stop_after(1), show_progress=False)
+    resumed = fit(cfg, ds.manifest, ds.store, tmp_path / "cut", train_idx=rows, resume=True, show_progress=False)
     for (name, x), (_, y) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(x, y), name
 
     # with validation rows, every epoch scores the average
     averages.clear(), scored.clear()
-    fit(cfg, ds.manifest, ds.store, tmp_path / "val", rows[rows % 4 != 0], rows[rows % 4 == 0], show_progress=False)
+    fit(cfg, ds.manifest, ds.store, tmp_path / "val", train_idx=rows[rows % 4 != 0], val_idx=rows[rows % 4 == 0], show_progress=False)
     assert len(scored) == 3 + 1 and all(m is averages[0].module for m in scored[:3])  # 3 epochs, then the saved model
 
 
@@ -374,7 +374,7 @@ def test_the_card_says_what_the_model_was_trained_on(amibr: Path, tiny: list[str
     cfg, ds = _data(amibr, tiny, "train.epochs=2")
     rows = np.arange(len(ds.manifest))
     train_idx, val_idx = rows[rows % 5 != 0], rows[rows % 5 == 0]
-    result = fit(cfg, ds.manifest, ds.store, tmp_path / "run", train_idx, val_idx, show_progress=False)
+    result = fit(cfg, ds.manifest, ds.store, tmp_path / "run", train_idx=train_idx, val_idx=val_idx, show_progress=False)
     provenance = json.loads((tmp_path / "run" / "model.json").read_text())["provenance"]
     trained = ds.manifest.iloc[train_idx]
     assert provenance["trained_on"] == {
@@ -397,7 +397,7 @@ def test_schedule_and_augmentation_come_from_the_config(amibr: Path, tiny: list[
     cfg, ds = _data(amibr, tiny, "train.epochs=3", "train.warmup_epochs=1.5", "train.min_lr_ratio=0.05", "train.batch_size=8",
                     "augment.hue=0.07")
     rows = np.arange(len(ds.manifest))
-    fit(cfg, ds.manifest, ds.store, tmp_path / "run", rows, show_progress=False)
+    fit(cfg, ds.manifest, ds.store, tmp_path / "run", train_idx=rows, show_progress=False)
     steps = math.ceil(len(rows) / 8)
     assert seen["schedule"] == (round(1.5 * steps), 3 * steps, 0.05)
     assert seen["augment"] is cfg.augment and seen["augment"].hue == 0.07
@@ -407,12 +407,12 @@ def test_settings_that_need_validation_rows_warn_when_there_are_none(amibr: Path
     cfg, ds = _data(amibr, tiny, "train.epochs=1", "train.threshold=auto")
     rows = np.arange(len(ds.manifest))
     with pytest.warns(UserWarning) as caught:
-        fit(cfg, ds.manifest, ds.store, tmp_path / "a", rows, show_progress=False)
+        fit(cfg, ds.manifest, ds.store, tmp_path / "a", train_idx=rows, show_progress=False)
     messages = [str(w.message) for w in caught if "needs validation rows" in str(w.message)]
     assert messages == ["train.threshold=auto needs validation rows (data.val_fraction, a validation dataset or a val/ split); ignored"]
     cfg, _ = _data(amibr, tiny, "train.epochs=1", "train.patience=1")
     with pytest.warns(UserWarning) as caught:
-        fit(cfg, ds.manifest, ds.store, tmp_path / "b", rows, show_progress=False)
+        fit(cfg, ds.manifest, ds.store, tmp_path / "b", train_idx=rows, show_progress=False)
     assert [str(w.message) for w in caught if "needs validation rows" in str(w.message)] == [
         "train.patience=1 needs validation rows (data.val_fraction, a validation dataset or a val/ split); ignored"]
     assert "validation" not in json.loads((tmp_path / "b" / "model.json").read_text())["provenance"]["metrics"]
@@ -421,7 +421,7 @@ def test_settings_that_need_validation_rows_warn_when_there_are_none(amibr: Path
 def test_deterministic_mode_is_switched_on_when_asked(amibr: Path, tiny: list[str], tmp_path: Path) -> None:
     cfg, ds = _data(amibr, tiny, "train.epochs=1", "train.deterministic_algorithms=true")
     try:
-        fit(cfg, ds.manifest, ds.store, tmp_path / "run", np.arange(len(ds.manifest)), show_progress=False)
+        fit(cfg, ds.manifest, ds.store, tmp_path / "run", train_idx=np.arange(len(ds.manifest)), show_progress=False)
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
@@ -454,7 +454,7 @@ def test_each_epoch_feeds_every_drawn_row_once_augmented_in_float32_and_logs_the
 
     monkeypatch.setattr(loop, "BatchAugment", Augment)
     monkeypatch.setattr(loop, "HeadLoss", Loss)
-    result = fit(cfg, ds.manifest, ds.store, tmp_path / "nested" / "run", train_idx, show_progress=False)
+    result = fit(cfg, ds.manifest, ds.store, tmp_path / "nested" / "run", train_idx=train_idx, show_progress=False)
     steps = math.ceil(len(train_idx) / 12)
     sizes = [12] * (steps - 1) + [len(train_idx) - 12 * (steps - 1)]
     for epoch in range(2):
@@ -469,10 +469,10 @@ def test_resuming_with_a_changed_config_is_refused(amibr: Path, tiny: list[str],
     cfg, ds = _data(amibr, tiny, "train.epochs=2")
     rows = np.arange(len(ds.manifest))
     with pytest.raises(Interrupted):
-        fit(cfg, ds.manifest, ds.store, tmp_path / "run", rows, stop_after_epoch=1, show_progress=False)
+        fit(cfg, ds.manifest, ds.store, tmp_path / "run", train_idx=rows, on_epoch=stop_after(1), show_progress=False)
     changed, _ = _data(amibr, tiny, "train.epochs=2", "train.lr=0.01")
     with pytest.raises(MitotypeError, match=r"changed config \(train\.lr: 0\.001 -> 0\.01\)"):
-        fit(changed, ds.manifest, ds.store, tmp_path / "run", rows, resume=True, show_progress=False)
+        fit(changed, ds.manifest, ds.store, tmp_path / "run", train_idx=rows, resume=True, show_progress=False)
 
 
 def test_history_lr_validation_threshold_seconds_and_divergence(amibr: Path, tiny: list[str], tmp_path: Path,
@@ -485,10 +485,16 @@ def test_history_lr_validation_threshold_seconds_and_divergence(amibr: Path, tin
     cfg, ds = _data(amibr, tiny, "train.epochs=2", "train.threshold=0.3", "train.min_lr_ratio=0.1", "train.lr=0.002")
     rows = np.arange(len(ds.manifest))
     val_idx = rows[rows % 4 == 0]
-    scores, real_predict = [], loop.predict_rows
-    monkeypatch.setattr(loop, "predict_rows", lambda *a, **k: scores.append(real_predict(*a, **k)) or scores[-1])
+    scores: list[np.ndarray] = []
+
+    class Recorded(loop.Ensemble):
+        def score_store(self, *args, **kwargs):
+            scores.append(super().score_store(*args, **kwargs))
+            return scores[-1]
+
+    monkeypatch.setattr(loop, "Ensemble", Recorded)
     tic = time.perf_counter()
-    result = fit(cfg, ds.manifest, ds.store, tmp_path / "run", rows[rows % 4 != 0], val_idx, show_progress=False)
+    result = fit(cfg, ds.manifest, ds.store, tmp_path / "run", train_idx=rows[rows % 4 != 0], val_idx=val_idx, show_progress=False)
     assert 0 < result.seconds <= time.perf_counter() - tic
     assert result.history[-1]["lr"] == pytest.approx(0.002 * 0.1)  # the cosine ends at lr * min_lr_ratio
     y = ds.manifest["label"].to_numpy()[val_idx]
@@ -502,7 +508,7 @@ def test_history_lr_validation_threshold_seconds_and_divergence(amibr: Path, tin
 
     monkeypatch.setattr(loop, "HeadLoss", Diverging)
     with pytest.raises(MitotypeError, match=r"run2: training diverged in epoch 1 \(loss nan\); lower train\.lr"):
-        fit(cfg, ds.manifest, ds.store, tmp_path / "run2", rows, show_progress=False)
+        fit(cfg, ds.manifest, ds.store, tmp_path / "run2", train_idx=rows, show_progress=False)
     assert not (tmp_path / "run2" / "checkpoints" / "last.pt").exists() and not (tmp_path / "run2" / "model.json").exists()
 
 
@@ -511,7 +517,7 @@ def test_threshold_auto_is_the_best_threshold_on_the_validation_rows(amibr: Path
 
     cfg, ds = _data(amibr, tiny, "train.epochs=1", "train.threshold=auto")
     rows = np.arange(len(ds.manifest))
-    result = fit(cfg, ds.manifest, ds.store, tmp_path / "run", rows[rows % 3 != 0], rows[rows % 3 == 0], show_progress=False)
+    result = fit(cfg, ds.manifest, ds.store, tmp_path / "run", train_idx=rows[rows % 3 != 0], val_idx=rows[rows % 3 == 0], show_progress=False)
     val = result.val_predictions
     assert result.threshold == best_threshold(val["label"].to_numpy(), val["p_atypical"].to_numpy()) != 0.5
 

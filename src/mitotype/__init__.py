@@ -3,7 +3,7 @@
 Atypical (AMF) is always class 1, the positive class; normal (NMF) is 0.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 CLASS_NAMES = ("normal", "atypical")
 

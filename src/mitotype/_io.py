@@ -175,3 +175,25 @@ def _check_writable_ancestor(folder: Path, target: Path, option: str) -> None:
             reason = err.strerror or type(err).__name__
     if reason:
         raise MitotypeError(f"{{{option}}} {target}: cannot write in {existing} ({reason})", options=(option,))
+
+
+def code_revision() -> dict[str, str | None]:
+    """What code made an artifact: the package version (raised when behaviour changes) and, when
+    mitotype runs from a git checkout (an editable install), its commit, marked ``-dirty`` when
+    tracked files differ from it. No git, or an installed wheel: ``git_commit`` is None."""
+    import subprocess
+
+    import mitotype
+
+    root = Path(mitotype.__file__).resolve().parents[2]
+    commit: str | None = None
+    if (root / ".git").exists():
+        try:
+            run = lambda *args: subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)  # noqa: E731
+            head = run("rev-parse", "HEAD")
+            if head.returncode == 0:
+                commit = head.stdout.strip() + ("-dirty" if run("diff", "--quiet", "HEAD", "--", "src").returncode else "")
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    return {"mitotype_version": mitotype.__version__, "git_commit": commit}
+

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mitotype import DEFAULT_RECIPE
+from mitotype.config import BackendName, BBoxFormat
 from mitotype.errors import MitotypeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tell atypical from normal mitotic figures in H&E patches.")
@@ -26,7 +27,9 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override a config field: sectio
 SkipBadOpt = typer.Option(False, "--skip-bad", help="Skip unreadable / non-RGB images with a warning instead of stopping.")
 SkipMissingOpt = typer.Option(False, "--skip-missing", help="Drop CSV rows whose image is missing, with a warning.")
 SizePolicyOpt = typer.Option(None, "--size-policy", help="Patches of another size than the model's: error, center-crop or resize.")
-DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:N (default: the config's, auto).")
+BackendOpt = typer.Option(BackendName.auto, "--backend", help="auto (OpenVINO fp32, else ONNX Runtime fp32, else torch; torch on a "
+                          "GPU), torch, onnxruntime, openvino or openvino-bf16. Graph backends export the model once into the cache.")
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
 
 
 def _config(recipe: str, overrides: Optional[List[str]], skip_bad: bool = False, device: Optional[str] = None):
@@ -40,7 +43,7 @@ def _overrides(overrides: Optional[List[str]], skip_bad: bool = False, device: O
     extra = list(overrides or [])
     if skip_bad:
         extra.append("data.on_bad_image=skip")
-    if device:
+    if device and device != "auto":  # auto leaves the recipe's (or --set's) train.device
         extra.append(f"train.device={device}")
     return extra
 
@@ -128,15 +131,15 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
     skip_bad: bool = SkipBadOpt,
     skip_missing: bool = SkipMissingOpt,
-    device: Optional[str] = DeviceOpt,
+    device: str = DeviceOpt,
 ) -> None:
     """Train one model."""
     from mitotype.workflows.runs import check_run_dir, load_dataset, train as train_run
 
     cfg = _config(recipe, overrides, skip_bad, device)
     check_run_dir(out_dir, resume)
-    ds = load_dataset(_existing(data, "--data"), cfg, skip_missing)
-    val_ds = load_dataset(_existing(val, "--val"), cfg, skip_missing) if val else None
+    ds = load_dataset(_existing(data, "--data"), cfg, skip_missing=skip_missing)
+    val_ds = load_dataset(_existing(val, "--val"), cfg, skip_missing=skip_missing) if val else None
     summary = train_run(cfg, ds, out_dir, resume=resume, val=val_ds)
     out.print(f"model written to {out_dir} ({summary['epochs']} epochs, {summary['seconds']} s)")
     if "validation" in summary:
@@ -157,7 +160,7 @@ def cv(
     resume: bool = typer.Option(False, "--resume", help="Reuse finished folds; continue the interrupted one."),
     skip_bad: bool = SkipBadOpt,
     skip_missing: bool = SkipMissingOpt,
-    device: Optional[str] = DeviceOpt,
+    device: str = DeviceOpt,
 ) -> None:
     """Grouped K-fold cross-validation (or leave-one-domain-out): K models, out-of-fold predictions, summary.json."""
     from mitotype.workflows.runs import check_run_dir, cross_validate, load_dataset
@@ -170,8 +173,8 @@ def cv(
         raise MitotypeError("--group-by and --split-file both choose the folds; give one of them")
     out_dir = out_dir or Path("runs") / (f"{cfg.recipe}-by-{'-'.join(columns)}" if columns else f"{cfg.recipe}-cv{folds}")
     check_run_dir(out_dir, resume)
-    ds = load_dataset(_existing(data, "--data"), cfg, skip_missing)
-    summary = cross_validate(cfg, ds, folds, out_dir, resume=resume, split_file=split_file, group_by=columns)
+    ds = load_dataset(_existing(data, "--data"), cfg, skip_missing=skip_missing)
+    summary = cross_validate(cfg, ds, folds=folds, out=out_dir, resume=resume, split_file=split_file, group_by=columns)
     _print_cv(summary, out_dir)
 
 
@@ -183,18 +186,19 @@ def evaluate(
     tta: bool = typer.Option(False, "--tta", help="Average the 8 flips/rotations."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Decision threshold (default: the model's)."),
     skip_missing: bool = SkipMissingOpt,
-    device: str = typer.Option("auto", "--device"),
+    device: str = DeviceOpt,
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the 95% intervals."),
     size_policy: Optional[str] = SizePolicyOpt,
     skip_bad: bool = SkipBadOpt,
+    backend: BackendName = BackendOpt,
 ) -> None:
     """Score a model (or the averaged fold ensemble) on a labelled dataset."""
     from mitotype.workflows.evaluate import evaluate_model
 
     with _progress() as advance:
-        metrics, n_models = evaluate_model(_existing(model, "--model"), _existing(data, "--data"), out_dir, tta, threshold,
-                                           skip_missing, device, n_boot, progress=advance, size_policy=_policy(size_policy),
-                                           skip_bad=skip_bad)
+        metrics, n_models = evaluate_model(_existing(model, "--model"), _existing(data, "--data"), out_dir, tta=tta, threshold=threshold,
+                                           skip_missing=skip_missing, device=device, n_boot=n_boot, progress=advance,
+                                           size_policy=_policy(size_policy), skip_bad=skip_bad, backend=backend.value)
     ci = metrics["ci95"]["balanced_accuracy"]
     out.print(f"{n_models} model(s) on {metrics['n']} patches: balanced accuracy {metrics['balanced_accuracy']:.3f} "
               f"[{_fmt(ci[0])}, {_fmt(ci[1])}], AUROC {_fmt(metrics['roc_auc'])} → {out_dir}/metrics.json, {out_dir}/report.html")
@@ -209,68 +213,61 @@ def predict(
     tta: bool = typer.Option(False, "--tta", help="Average the 8 flips/rotations."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Decision threshold (default: the model's)."),
     skip_missing: bool = SkipMissingOpt,
-    device: str = typer.Option("auto", "--device"),
+    device: str = DeviceOpt,
     size_policy: Optional[str] = SizePolicyOpt,
     skip_bad: bool = SkipBadOpt,
-    backend: str = typer.Option("torch", "--backend", help="torch, onnxruntime, openvino, openvino-bf16 (CPU; graph exported once into the cache)."),
-    onnx: Optional[Path] = typer.Option(None, "--onnx", help="With --backend onnxruntime/openvino: a file from `mitotype export` of this model."),
-    points: Optional[Path] = typer.Option(None, "--points", help="Classify points instead of patches: a CSV (image, x, y"
-                                          "[, label]), a MitDet folder (png/ + csv/) or a MIDOG/COCO JSON."),
-    images: Optional[Path] = typer.Option(None, "--images", help="With --points: folder the image names resolve in."),
-    resume: bool = typer.Option(False, "--resume", help="With --points: continue an interrupted run from OUT.partial.csv."),
-    mpp: Optional[float] = typer.Option(None, "--mpp", help="With --points: um/px of plain images (default: the model's)."),
-    slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp", help="With --points: um/px of slides that do not say theirs."),
-    summary_csv: Optional[Path] = typer.Option(None, "--summary-csv", help="With --points: per-image summary CSV "
-                                               "(default OUT.summary.csv)."),
-    bbox_format: str = typer.Option("auto", "--bbox-format", help="COCO boxes: auto, xyxy (MIDOG) or xywh (COCO)."),
+    backend: BackendName = BackendOpt,
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="With a graph backend: a file from `mitotype export` of this model."),
+    points: Optional[Path] = typer.Option(None, "--points", help="Moved: use `mitotype points POINTS` (still accepted here)."),
 ) -> None:
-    """Write path, p_atypical, label (+ every input column) for each patch; with --points, for each point."""
+    """Write path, p_atypical, label (+ every input column) for each patch (points: `mitotype points`)."""
     from mitotype.inference.predict import predict_path, report_html_path, skipped_csv_path
 
-    if points is not None or inputs is None:
-        return _predict_points(inputs, points, images, model, out_csv, tta=tta, threshold=threshold, resume=resume, mpp=mpp,
-                               slide_mpp=slide_mpp, summary_csv=summary_csv, skip_missing=skip_missing, device=device,
-                               bbox_format=bbox_format, backend=backend, folder_only=(size_policy, skip_bad, onnx))
-    _points_only(images=images, resume=resume, mpp=mpp, slide_mpp=slide_mpp, summary_csv=summary_csv, bbox_format=bbox_format)
-
+    if points is not None:
+        raise MitotypeError(f"--points: classifying points is its own command now: mitotype points {points} --out {out_csv} "
+                            "[--images DIR] [--model M] ...")
+    if inputs is None:
+        raise MitotypeError("predict: give INPUT (a folder or manifest of patches); for points use `mitotype points`")
     with _progress() as advance:
-        table = predict_path(_model_path(model), _existing(inputs, "input"), out_csv, tta, threshold, skip_missing, device,
-                             progress=advance, size_policy=_policy(size_policy), skip_bad=skip_bad, backend=backend, onnx=onnx)
+        table = predict_path(_model_path(model), _existing(inputs, "input"), out_csv, tta=tta, threshold=threshold,
+                             skip_missing=skip_missing, device=device, progress=advance, size_policy=_policy(size_policy),
+                             skip_bad=skip_bad, backend=backend.value, onnx=onnx)
     n_atyp, n_done = int((table["label"] == "atypical").sum()), int((table["label"] != "").sum())
     skipped = f", {len(table) - n_done} skipped (listed in {skipped_csv_path(out_csv)})" if n_done < len(table) else ""
     out.print(f"{n_done} patches → {out_csv}: {n_atyp} atypical ({n_atyp / max(n_done, 1):.1%}){skipped}; "
               f"report → {report_html_path(out_csv)}")
 
 
-def _points_only(**options) -> None:
-    """Options of ``predict --points`` are refused without it rather than silently ignored."""
-    used = [name for name, value in options.items() if value and value != "auto"]
-    if used:
-        raise MitotypeError(f"{_flag(used[0])}: only used with --points")
-
-
-def _predict_points(inputs: Optional[Path], points: Optional[Path], images: Optional[Path], model: Optional[Path], out_csv: Path,
-                    *, backend: str, folder_only: tuple, **options) -> None:
-    """``predict --points``: a patch centred on each point, at the model's resolution (inference/points.py)."""
+@app.command("points")
+def points_cmd(
+    points: Path = typer.Argument(..., help="Points to classify: a CSV (image, x, y[, label]), a MitDet folder (png/ + csv/) "
+                                  "or a MIDOG/COCO JSON."),
+    out_csv: Path = typer.Option(..., "--out", "-o", help="Output CSV (image, x, y, p_atypical, label + input columns)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder the image names resolve in."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model folder or cv run directory; default: the bundled model."),
+    tta: bool = typer.Option(False, "--tta", help="Average the 8 flips/rotations."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Decision threshold (default: the model's)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.partial.csv."),
+    mpp: Optional[float] = typer.Option(None, "--mpp", help="um/px of plain images (default: the model's)."),
+    slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp", help="um/px of slides that do not say theirs."),
+    summary_csv: Optional[Path] = typer.Option(None, "--summary-csv", help="Per-image summary CSV (default OUT.summary.csv)."),
+    skip_missing: bool = SkipMissingOpt,
+    bbox_format: BBoxFormat = typer.Option(BBoxFormat.auto, "--bbox-format", help="COCO boxes: auto, xyxy (MIDOG) or xywh (COCO)."),
+    device: str = DeviceOpt,
+    backend: BackendName = BackendOpt,
+) -> None:
+    """Classify a patch centred on each point of images or whole-slide images, at the model's resolution."""
     from mitotype.inference.points import predict_points, summary_csv_path
 
-    used = [flag for flag, value in zip(("--size-policy", "--skip-bad", "--onnx"), folder_only) if value]
-    if used:
-        raise MitotypeError(f"{used[0]}: not used with --points")
-
-    if points is None:
-        raise MitotypeError("predict: give INPUT (a folder or manifest of patches) or --points")
-    if inputs is not None:
-        raise MitotypeError(f"predict: give INPUT ({inputs}) or --points ({points}), not both")
-    if backend != "torch":
-        raise MitotypeError(f"--backend {backend}: --points runs with the torch backend only")
     with _progress() as advance:
-        table, summary = predict_points(_model_path(model), _existing(points, "--points"), out_csv,
-                                        images=_existing(images, "--images") if images else None, progress=advance, **options)
+        table, summary = predict_points(_model_path(model), _existing(points, "points"), out_csv,
+                                        images=_existing(images, "--images") if images else None, progress=advance, tta=tta,
+                                        threshold=threshold, resume=resume, mpp=mpp, slide_mpp=slide_mpp, summary_csv=summary_csv,
+                                        skip_missing=skip_missing, bbox_format=bbox_format.value, device=device, backend=backend.value)
     n_atyp = int((table["label"] == "atypical").sum())
     share = n_atyp / max(len(table), 1)
     out.print(f"{len(table)} points on {len(summary)} image(s) → {out_csv}: {n_atyp} atypical ({share:.1%}); "
-              f"summary → {options['summary_csv'] or summary_csv_path(out_csv)}")
+              f"summary → {summary_csv or summary_csv_path(out_csv)}")
 
 
 @app.command()
@@ -292,7 +289,8 @@ def export(
     if calib_data is not None:
         _existing(calib_data, "--calib-data")
     with _progress() as advance:
-        card = export_model(_model_path(None) if str(model) == "bundled" and not model.exists() else _existing(model, "model"), out_file, fmt, int8=int8, check_data=check_data, calib_data=calib_data,
+        source = _model_path(None) if str(model) == "bundled" and not model.exists() else _existing(model, "model")
+        card = export_model(source, out_file, fmt, int8=int8, check_data=check_data, calib_data=calib_data,
                             calib_n=calib_n, progress=advance)
     check = f"fp32 graph max |Δp| vs PyTorch {card['check']['max_abs_diff_vs_torch']:.1e}"
     if "int8" in card:
@@ -311,7 +309,7 @@ def benchmark(
     overrides: Optional[List[str]] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Reuse finished folds."),
     tta: bool = typer.Option(False, "--tta"),
-    device: Optional[str] = DeviceOpt,
+    device: str = DeviceOpt,
 ) -> None:
     """AMi-Br protocol: grouped K-fold CV on --train; every fold model and their ensemble on each --test."""
     from mitotype.workflows.benchmark import run_benchmark
@@ -321,7 +319,7 @@ def benchmark(
     cfg = _config(recipe, overrides, device=device)
     named = [_named_path(t) for t in tests]
     check_run_dir(out_dir, resume)
-    out.print(run_benchmark(cfg, _existing(train_data, "--train"), named, folds, out_dir, resume=resume, tta=tta))
+    out.print(run_benchmark(cfg, _existing(train_data, "--train"), named, folds=folds, out=out_dir, resume=resume, tta=tta))
 
 
 @app.command()
@@ -333,7 +331,7 @@ def explain(
     target: str = typer.Option("atypical", "--target", help="Map the evidence for: atypical, or the predicted class."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Decision threshold (default: the model's)."),
     skip_missing: bool = SkipMissingOpt,
-    device: str = typer.Option("auto", "--device"),
+    device: str = DeviceOpt,
     size_policy: Optional[str] = SizePolicyOpt,
 ) -> None:
     """Grad-CAM overlay beside each patch and a contact sheet of the clearest and hardest calls."""
@@ -392,7 +390,7 @@ def tune(
     overrides: Optional[List[str]] = SetOpt,
     skip_bad: bool = SkipBadOpt,
     skip_missing: bool = SkipMissingOpt,
-    device: Optional[str] = DeviceOpt,
+    device: str = DeviceOpt,
 ) -> None:
     """Optuna search, each trial a grouped CV pruned after each fold; resumable; the best config → OUT/best.yaml."""
     from mitotype._io import check_output_dir
@@ -404,7 +402,7 @@ def tune(
     search_space(recipe, extra, list(params or []), default_space=default_space)  # bad --param fails before decoding
     out_dir = out_dir or Path("runs") / f"{cfg.recipe}-tune"
     check_output_dir(out_dir, "out_dir")  # before decoding; tune checks it again
-    ds = load_dataset(_existing(data, "--data"), cfg, skip_missing, skipped_note=f"skipped.csv in {out_dir}/trial_*")
+    ds = load_dataset(_existing(data, "--data"), cfg, skip_missing=skip_missing, skipped_note=f"skipped.csv in {out_dir}/trial_*")
     report = lambda t: err.print(f"trial {t['trial']}: {t['state'].lower()}" + (f", mean balanced accuracy {t['value']:.3f}"  # noqa: E731
                                                                                   if t["value"] is not None else ""))
     result = tune_run(recipe, ds, out_dir, trials=trials, folds=folds, overrides=extra, params=list(params or []),
@@ -426,7 +424,7 @@ def compare(
     overrides: Optional[List[str]] = SetOpt,
     skip_bad: bool = SkipBadOpt,
     skip_missing: bool = SkipMissingOpt,
-    device: Optional[str] = DeviceOpt,
+    device: str = DeviceOpt,
 ) -> None:
     """The same grouped CV for each recipe (finished runs reused), then one table: mean ± sd metrics, time, size, speed."""
     from mitotype._io import check_output_dir
@@ -518,13 +516,15 @@ def main() -> None:
         sys.exit(2)
     except (typer.Exit, SystemExit) as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
-    except Exception as e:  # click usage errors arrive here in standalone_mode=False
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # click usage errors arrive here in standalone_mode=False (typer may vendor its own click)
+        kind = {cls.__name__ for cls in type(e).__mro__}
+        if "BadParameter" in kind:  # e.g. an enum choice: one line naming the option and the choices
+            err.print(f"error: {e.format_message().replace('Value error, ', '')}", style="red", markup=False, highlight=False, soft_wrap=True)
+            sys.exit(2)
+        if "ClickException" in kind:
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if "Abort" in kind:
             err.print("aborted")
             sys.exit(130)
         raise

@@ -7,6 +7,7 @@ through the same code; the resolved config is saved with each run so it can be r
 from __future__ import annotations
 
 import dataclasses
+import enum
 import importlib.resources
 import math
 import os
@@ -19,12 +20,108 @@ import yaml
 
 from mitotype import DEFAULT_RECIPE  # noqa: F401 (re-exported beside the recipes)
 from mitotype.errors import MitotypeError
-from mitotype.transforms.augment import AugmentConfig
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
+    import torch
+
 RECIPES = importlib.resources.files("mitotype") / "configs"  # recipes ship inside the package
+
+
+class BackendName(str, enum.Enum):
+    """What runs a model (``--backend``): see :mod:`mitotype.inference.runtime`. Here, in the base
+    layer, so the command line offers the choices without importing torch."""
+
+    auto = "auto"
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+    openvino = "openvino"
+    openvino_bf16 = "openvino-bf16"
+
+
+class BBoxFormat(str, enum.Enum):
+    """How COCO-style boxes of a point file are read (``--bbox-format``): corners (MIDOG) or x, y, w, h."""
+
+    auto = "auto"
+    xyxy = "xyxy"
+    xywh = "xywh"
+
+
+def _number(name: str, value: object, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MitotypeError(f"augment.{name} must be a number, got {value!r}")
+    value = float(value)
+    if not lo <= value <= hi:  # also rejects NaN
+        raise MitotypeError(f"augment.{name} must be in [{lo:g}, {hi:g}], got {value:g}")
+    return value
+
+
+@dataclass
+class AugmentConfig:
+    """What :class:`BatchAugment` does. The defaults are flips and 90 degree turns only."""
+
+    flip: bool = True  # random horizontal + vertical flips
+    rot90: bool = True  # random multiples of 90 degrees (needs H == W)
+    rotate_degrees: float = 0.0  # extra rotation, uniform in [-d, d], reflection padding
+    crop_scale: tuple[float, float] = (1.0, 1.0)  # random resized crop, area fraction; (1, 1) = off
+    brightness: float = 0.0  # factor in [1-b, 1+b]
+    contrast: float = 0.0  # factor in [1-c, 1+c] around the image's mean grey
+    saturation: float = 0.0  # factor in [1-s, 1+s], blend with greyscale
+    hue: float = 0.0  # shift in [-h, h] turns (rotation in YIQ space), h <= 0.5
+    hed_sigma: float = 0.0  # HED jitter: hed * (1 + U(-sigma, sigma)) ...
+    hed_bias: float = 0.0  # ... + U(-bias, bias), per image and stain channel (rgb2hed units)
+    p: float = 1.0  # probability that a sample gets the colour / stain part at all
+
+    def __post_init__(self) -> None:
+        for name in ("flip", "rot90"):
+            if not isinstance(getattr(self, name), bool):
+                raise MitotypeError(f"augment.{name} must be true or false, got {getattr(self, name)!r}")
+        self.rotate_degrees = _number("rotate_degrees", self.rotate_degrees, 0.0, 180.0)
+        for name in ("brightness", "contrast", "saturation"):
+            setattr(self, name, _number(name, getattr(self, name), 0.0, 1.0))
+        self.hue = _number("hue", self.hue, 0.0, 0.5)
+        self.hed_sigma = _number("hed_sigma", self.hed_sigma, 0.0, 1.0)
+        self.hed_bias = _number("hed_bias", self.hed_bias, 0.0, 1.0)
+        self.p = _number("p", self.p, 0.0, 1.0)
+        cs = self.crop_scale
+        if isinstance(cs, (str, bytes)) or not hasattr(cs, "__len__") or len(cs) != 2:
+            raise MitotypeError(f"augment.crop_scale must be a pair [min, max], got {cs!r}")
+        lo = _number("crop_scale", cs[0], 0.0, 1.0)
+        hi = _number("crop_scale", cs[1], 0.0, 1.0)
+        if not 0.0 < lo <= hi:
+            raise MitotypeError(f"augment.crop_scale must satisfy 0 < min <= max <= 1, got {cs!r}")
+        self.crop_scale = (lo, hi)
+
+    @classmethod
+    def off(cls) -> AugmentConfig:
+        """A config that changes nothing (for evaluation)."""
+        return cls(flip=False, rot90=False)
+
+    @property
+    def crop_on(self) -> bool:
+        return self.crop_scale[0] < 1.0
+
+    @property
+    def geometry_on(self) -> bool:
+        return self.flip or self.rot90 or self.rotate_degrees > 0 or self.crop_on
+
+    @property
+    def stain_on(self) -> bool:
+        return self.hed_sigma > 0 or self.hed_bias > 0
+
+    @property
+    def jitter_on(self) -> bool:
+        return self.brightness > 0 or self.contrast > 0 or self.saturation > 0 or self.hue > 0
+
+    @property
+    def colour_on(self) -> bool:
+        return self.p > 0 and (self.stain_on or self.jitter_on)
+
+    @property
+    def is_identity(self) -> bool:
+        return not (self.geometry_on or self.colour_on)
+
 
 
 @dataclass
@@ -401,3 +498,23 @@ def first_difference(old: Any, new: Any, where: str = "") -> str:
                 return found
         return ""
     return "" if old == new else f"{where}: {old!r} -> {new!r}"
+
+
+def resolve_device(name: str = "auto") -> "torch.device":
+    """The torch device an option names (auto: CUDA when present); one line naming the option otherwise."""
+    import torch  # here, not at the top: reading a config must not load torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MitotypeError(f"device '{name}': expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MitotypeError(f"device '{name}': CUDA is not available on this machine (use device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MitotypeError(f"device '{name}': this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise MitotypeError(f"device '{name}': expected auto, cpu, cuda or cuda:N")
+    return device

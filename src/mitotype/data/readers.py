@@ -213,7 +213,8 @@ def _join_metadata(
     images = images.assign(filename=[Path(p).name for p in images["path"]])
     dup_img = images["filename"].duplicated()
     if dup_img.any():
-        raise MitotypeError(f"{csv_path.parent}: image name '{images.loc[dup_img, 'filename'].iloc[0]}' occurs in more than one folder; cannot join with {csv_path.name}")
+        name = images.loc[dup_img, "filename"].iloc[0]
+        raise MitotypeError(f"{csv_path.parent}: image name '{name}' occurs in more than one folder; cannot join with {csv_path.name}")
     merged = out.merge(images, on="filename", how="outer", indicator=True)
     no_image = merged["_merge"] == "left_only"
     if no_image.any():
@@ -225,13 +226,16 @@ def _join_metadata(
         problems.append(msg + " (dropped)")
     no_row = merged["_merge"] == "right_only"
     if no_row.any():
-        problems.append(f"{csv_path}: {int(no_row.sum())} image(s) have no CSV row, e.g. {merged.loc[no_row, 'filename'].iloc[0]}; label taken from their folder")
+        example = merged.loc[no_row, "filename"].iloc[0]
+        problems.append(f"{csv_path}: {int(no_row.sum())} image(s) have no CSV row, e.g. {example}; label taken from their folder")
     merged = merged[merged["_merge"] != "left_only"].drop(columns="_merge")
     if "csv_label" in merged:
         has_both = merged["label"].notna() & (merged["label"] != UNLABELLED) & merged["csv_label"].notna()
         disagree = has_both & (merged["label"] != merged["csv_label"])
         if disagree.any():
-            problems.append(f"{csv_path}: {int(disagree.sum())} image(s) lie in a class folder that disagrees with the CSV label, e.g. {merged.loc[disagree, 'filename'].iloc[0]}; folder kept")
+            example = merged.loc[disagree, "filename"].iloc[0]
+            problems.append(f"{csv_path}: {int(disagree.sum())} image(s) lie in a class folder that disagrees with the CSV label, "
+                            f"e.g. {example}; folder kept")
         use_csv = merged["label"].isna() | (merged["label"] == UNLABELLED)
         if labels_from_csv or use_csv.any():
             merged.loc[use_csv, "label"] = merged.loc[use_csv, "csv_label"]

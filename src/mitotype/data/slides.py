@@ -214,7 +214,7 @@ def open_slide(path: str | Path, slide_mpp: float | None = None) -> Source:
         return TiffSlideSource(path, slide_mpp)
     except MitotypeError:
         raise
-    except Exception as err:  # noqa: BLE001 - tiffslide raises many types for formats it does not read
+    except Exception as err:
         reason = _reason(err)
     try:
         import openslide  # noqa: F401
@@ -224,7 +224,7 @@ def open_slide(path: str | Path, slide_mpp: float | None = None) -> Source:
         return OpenSlideSource(path, slide_mpp)
     except MitotypeError:
         raise
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise BadImage(f"{path}: neither tiffslide nor OpenSlide can read this slide ({_reason(err)})") from None
 
 

@@ -21,15 +21,15 @@ from typing import Any, Sequence
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from PIL import Image  # noqa: E402
-from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from PIL import Image
+from sklearn.metrics import precision_recall_curve, roc_curve
 
-import mitotype  # noqa: E402
-from mitotype._io import write_text  # noqa: E402
-from mitotype.evaluation.metrics import METRIC_NAMES  # noqa: E402
+import mitotype
+from mitotype._io import write_text
+from mitotype.evaluation.metrics import METRIC_NAMES
 
 N_THUMBS = 8  # patches per gallery (worst errors, most confident, most uncertain)
 THUMB_PX = 128

@@ -12,14 +12,14 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, roc_auc_score, roc_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, roc_auc_score, roc_curve
 
-from mitotype import CLASS_NAMES  # noqa: E402
-from mitotype._io import atomic_path  # noqa: E402
-from mitotype.errors import MitotypeError  # noqa: E402
-from mitotype.evaluation.metrics import check_inputs, check_labels  # noqa: E402
+from mitotype import CLASS_NAMES
+from mitotype._io import atomic_path
+from mitotype.errors import MitotypeError
+from mitotype.evaluation.metrics import check_inputs, check_labels
 
 
 def _save(fig: plt.Figure, path: str | os.PathLike) -> None:

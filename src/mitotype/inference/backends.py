@@ -1,47 +1,24 @@
-"""Inference backends behind one call: ``backend.p_atypical(batch_u8, tta) -> np.ndarray``.
+"""The exported-graph backends of the :class:`~mitotype.models.ensemble.Backend` protocol.
 
 The streaming readers (folders, manifests, points, slides) hand every backend the same uint8
 (B, H, W, 3) batches, so the choice of PyTorch, ONNX Runtime or OpenVINO changes nothing but speed.
-``predict_batch`` stays the pure PyTorch function; the ONNX Runtime and OpenVINO backends run an
-exported graph (:mod:`mitotype.inference.export`) that holds the same preprocessing and fold mean,
-and do test-time augmentation outside the graph with the same 8 dihedral views.
+The :class:`~mitotype.models.ensemble.Ensemble` is the PyTorch backend; the ONNX Runtime and
+OpenVINO backends here run an exported graph (:mod:`mitotype.inference.graph`) that holds the same
+preprocessing and fold mean, and do test-time augmentation outside the graph with the same 8
+dihedral views. Which backend runs is chosen in :mod:`mitotype.inference.runtime`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, Sequence
+import importlib.util
 
 import numpy as np
 import torch
-from torch import nn
 
 from mitotype.errors import MitotypeError
-from mitotype.inference.engine import predict_batch
+from mitotype.models.ensemble import TTA_VIEWS
 from mitotype.transforms.augment import dihedral_view
-
-BACKENDS = ("torch", "onnxruntime", "openvino", "openvino-bf16")
-GRAPH_BACKENDS = ("onnxruntime", "openvino", "openvino-bf16")  # run an exported ONNX graph on the CPU
-
-
-class Backend(Protocol):
-    name: str
-
-    def p_atypical(self, batch_u8: torch.Tensor, tta: bool = False) -> np.ndarray:
-        """Mean p_atypical of the model (or fold ensemble), optionally over the 8 dihedral views."""
-        ...
-
-
-class TorchBackend:
-    """PyTorch eager: :func:`predict_batch` on ``device``."""
-
-    name = "torch"
-
-    def __init__(self, nets: Sequence[nn.Module], device: torch.device, *, amp: bool = False):
-        self.nets, self.device, self.amp = list(nets), device, amp
-
-    def p_atypical(self, batch_u8: torch.Tensor, tta: bool = False) -> np.ndarray:
-        return predict_batch(self.nets, batch_u8, self.device, tta=tta, amp=self.amp).numpy()
 
 
 def dihedral_view_nhwc(batch: np.ndarray, k: int) -> np.ndarray:
@@ -59,7 +36,7 @@ class _GraphBackend:
 
     def p_atypical(self, batch_u8: torch.Tensor | np.ndarray, tta: bool = False) -> np.ndarray:
         x = batch_u8.numpy() if isinstance(batch_u8, torch.Tensor) else np.asarray(batch_u8)
-        views = range(8) if tta else (0,)
+        views = range(TTA_VIEWS) if tta else (0,)
         total = np.zeros(x.shape[0], dtype=np.float64)
         for k in views:
             view = dihedral_view_nhwc(x, k) if k else np.ascontiguousarray(x)
@@ -84,7 +61,7 @@ class OnnxBackend(_GraphBackend):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as err:  # noqa: BLE001 (onnxruntime raises its own untyped errors)
+        except Exception as err:
             raise MitotypeError(f"{path}: not a usable ONNX file ({str(err).splitlines()[0][:160]})") from None
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or inputs[0].type != "tensor(uint8)":
@@ -114,7 +91,7 @@ class OpenVinoBackend(_GraphBackend):
                   "PERFORMANCE_HINT": "LATENCY"}
         try:
             self.compiled = ov.Core().compile_model(str(path), "CPU", config)
-        except Exception as err:  # noqa: BLE001 (OpenVINO raises its own untyped errors)
+        except Exception as err:
             raise MitotypeError(f"{path}: not a usable ONNX file for OpenVINO ({str(err).strip().splitlines()[0][:160]})") from None
         inputs = self.compiled.inputs
         if len(inputs) != 1 or inputs[0].get_element_type().get_type_name() != "u8":
@@ -125,32 +102,6 @@ class OpenVinoBackend(_GraphBackend):
         return self.request.infer([x])[0]
 
 
-def check_backend(name: str, onnx_path: Path | None = None) -> None:
-    """Refuse an unknown backend, or an ONNX file given to the torch backend, before any work."""
-    if name not in BACKENDS:
-        raise MitotypeError(f"{{backend}} '{name}': must be one of {', '.join(BACKENDS)}", options=("backend",))
-    if name == "torch" and onnx_path is not None:
-        raise MitotypeError("{onnx} is read by the onnxruntime and openvino backends only; add {backend} onnxruntime",
-                            options=("onnx", "backend"))
-
-
-def make_backend(
-    name: str, models: Sequence, device: torch.device, *, onnx_path: Path | None = None, cache_dir: Path | None = None
-) -> Backend:
-    """The backend ``name`` for loaded ``models`` (:class:`LoadedModel`s): torch runs them as they
-    are; onnxruntime and openvino run ``onnx_path`` (checked to come from these weights) or an export of them
-    made once into ``cache_dir`` (default: the user cache) and reused while the weights are unchanged."""
-    check_backend(name, onnx_path)
-    if name == "torch":
-        return TorchBackend([m.model for m in models], device)
-    if device.type != "cpu":
-        raise MitotypeError(f"{{backend}} {name} runs on the CPU; device '{device}' was asked (use cpu or auto)",
-                            options=("backend",))
-    from mitotype.inference.export import cached_onnx, check_export_matches
-
-    if onnx_path is not None:
-        check_export_matches(Path(onnx_path), models)
-    path = Path(onnx_path) if onnx_path is not None else cached_onnx(models, cache_dir)
-    if name == "onnxruntime":
-        return OnnxBackend(path)
-    return OpenVinoBackend(path, precision="bf16" if name == "openvino-bf16" else "f32")
+def openvino_available() -> bool:
+    """Whether the optional openvino package is installed (the ``auto`` backend's first choice)."""
+    return importlib.util.find_spec("openvino") is not None

@@ -24,7 +24,7 @@ from mitotype._io import atomic_path, check_output_dir, write_csv
 from mitotype.data.images import iter_batches
 from mitotype.data.manifest import LABEL_NAMES
 from mitotype.errors import MitotypeError
-from mitotype.inference.engine import predict_batch
+from mitotype.models.ensemble import Ensemble, check_threshold
 from mitotype.models.registry import MitotypeModel, positive_log_odds
 from mitotype.transforms.batch import to_input
 
@@ -131,32 +131,26 @@ def explain_path(
     appended to other suffixes), ``explanations.csv`` and ``contact_sheet.png``; return the table.
     Options and ``out_dir`` are checked before the models load."""
     from mitotype.data.readers import read_dataset
-    from mitotype.inference.predict import ensemble_threshold, load_models
 
     if target not in TARGETS:
         raise MitotypeError(f"{{target}} '{target}': must be one of {', '.join(TARGETS)}", options=("target",))
     if n < 1:
         raise MitotypeError(f"{{n}} {n}: must be at least 1", options=("n",))
     if threshold is not None:
-        ensemble_threshold([], threshold)
+        check_threshold(threshold)
     _grad_cam()
     check_output_dir(out_dir, "explain_dir")
-    models, _ = load_models(model_path, device)
-    t = ensemble_threshold(models, threshold)
+    ensemble = Ensemble.load(model_path, device=device, threshold=threshold)
+    t = ensemble.threshold
     df = read_dataset(inputs, require_labels=False, skip_missing=skip_missing).manifest
     if df.empty:
         raise MitotypeError(f"{inputs}: no images found")
     paths = df["path"].astype(str).tolist()
     names = overlay_names(paths, Path(inputs), Path(out_dir))
-    nets = [m.model for m in models]
-    sizes = {(m.patch_size, m.size_policy) for m in models}
-    if len(sizes) > 1:
-        raise MitotypeError(f"ensemble members expect different patch sizes: {sorted(sizes)}")
-    patch_size, policy = sizes.pop()
-    device = next(nets[0].parameters()).device
+    nets, device = ensemble.nets, ensemble.device
     p = np.full(len(paths), np.nan)
-    for index, batch in iter_batches(paths, batch_size, patch_size, size_policy or policy):
-        p[index] = predict_batch(nets, batch, device).numpy()
+    for index, batch in iter_batches(paths, batch_size, ensemble.patch_size, size_policy or ensemble.size_policy):
+        p[index] = ensemble.p_atypical(batch)
         classes = np.ones(len(index), dtype=int) if target == "atypical" else (p[index] >= t).astype(int)
         maps = grad_cams(nets, to_input(batch, device), classes)
         for i, img, cam in zip(index, batch.numpy(), maps):

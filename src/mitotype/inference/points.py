@@ -29,7 +29,8 @@ from mitotype.data.manifest import LABEL_NAMES, UNLABELLED
 from mitotype.data.points import PointTable, check_bounds, read_points
 from mitotype.data.slides import MPP_TOLERANCE, Source, is_slide, model_mpp, open_source
 from mitotype.errors import MitotypeError
-from mitotype.inference.engine import predict_batch
+from mitotype.inference.runtime import GRAPH_BACKENDS, check_backend, make_backend
+from mitotype.models.ensemble import INFERENCE_BATCH, Ensemble, check_threshold
 
 Z95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 PARTIAL_HEADER = "point,p_atypical"
@@ -208,13 +209,12 @@ def predict_points(
     model_path: Path, points_path: Path, out_csv: Path, *, images: Path | None = None, tta: bool = False,
     threshold: float | None = None, resume: bool = False, mpp: float | None = None, slide_mpp: float | None = None,
     summary_csv: Path | None = None, skip_missing: bool = False, bbox_format: str = "auto", device: str = "auto",
-    batch_size: int = 64, progress: Callable[[int], None] | None = None,
+    backend: str = "auto", batch_size: int = INFERENCE_BATCH, progress: Callable[[int], None] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read the points, classify a patch centred on each at the model's resolution, and write the
     point table and the per-image summary atomically (returned too). Outputs and options are checked
     before any work; probabilities go to :func:`partial_csv_path` as they come, for ``resume``."""
     from mitotype._io import check_output_file, write_csv
-    from mitotype.inference.predict import ensemble_threshold, load_models
 
     summary_given = summary_csv is not None
     summary_csv = Path(summary_csv) if summary_given else summary_csv_path(out_csv)
@@ -226,16 +226,16 @@ def predict_points(
         if value is not None and not (math.isfinite(value) and 0 < value < 100):
             raise MitotypeError(f"{{{name}}} {value}: expected microns per pixel in (0, 100)", options=(name,))
     if threshold is not None:
-        ensemble_threshold([], threshold)
+        check_threshold(threshold)
+    check_backend(backend)
+    if backend in GRAPH_BACKENDS and device == "auto":
+        device = "cpu"
     points = read_points(points_path, images, skip_missing=skip_missing, bbox_format=bbox_format)
     if points.table.empty:
         raise MitotypeError(f"{points_path}: no points found")
-    models, dev = load_models(model_path, device)
-    t = ensemble_threshold(models, threshold)
-    sizes = {m.patch_size for m in models}
-    if len(sizes) > 1:
-        raise MitotypeError(f"ensemble members expect different patch sizes: {sorted(sizes)}")
-    patch_size, target = sizes.pop(), model_mpp([m.mpp for m in models])
+    ensemble = Ensemble.load(model_path, device=device, threshold=threshold)
+    scorer, t = make_backend(backend, ensemble), ensemble.threshold
+    patch_size, target = ensemble.patch_size, model_mpp([ensemble.mpp])
 
     n = len(points.table)
     key = _run_key(points, model_path, tta, patch_size, (target, mpp, slide_mpp))
@@ -249,11 +249,10 @@ def predict_points(
         partial.write_text(f"#key={key}\n{PARTIAL_HEADER}\n")
     order = grouped_order(points)
     todo = order[~np.isin(order, np.fromiter(done, dtype=np.int64, count=len(done)))]
-    nets = [m.model for m in models]
     with open(partial, "a") as fh:
         batches = iter_point_batches(points, todo, batch_size, patch_size, model_mpp=target, image_mpp=mpp, slide_mpp=slide_mpp)
         for index, batch in batches:
-            p = predict_batch(nets, batch, dev, tta=tta).numpy()
+            p = scorer.p_atypical(batch, tta)
             fh.write("".join(f"{i},{float(v)!r}\n" for i, v in zip(index.tolist(), p)))
             fh.flush()
             done.update(zip(index.tolist(), p.tolist()))

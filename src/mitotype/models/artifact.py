@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mitotype
-from mitotype._io import atomic_path, write_json
+from mitotype._io import atomic_path, code_revision, write_json
 from mitotype.config import Config
 from mitotype.errors import MitotypeError
 from mitotype.models.card import CARD_FORMAT, build_spec, model_config, read_card
@@ -73,6 +73,7 @@ def save_model(model: MitotypeModel, cfg: Config, out_dir: Path, threshold: floa
     card = {
         "format": CARD_FORMAT,
         "mitotype_version": mitotype.__version__,
+        "code": code_revision(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "build": build_spec(cfg.model, mean=norm.mean, std=norm.std, patch_size=cfg.data.patch_size,
                             size_policy=cfg.data.size_policy, mpp=cfg.data.mpp),
@@ -151,7 +152,7 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> LoadedModel:
     model.set_normalization(Normalization(tuple(image["mean"]), tuple(image["std"])))
     try:
         model.load_saved_state_dict(load_file(str(weights_path)))
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise MitotypeError(f"{weights_path}: weights do not fit the card's model ({str(err).splitlines()[0][:160]})") from None
     model = model.to(device).to(memory_format=torch.channels_last).eval()
     return LoadedModel(model, card, folder)

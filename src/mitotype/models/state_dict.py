@@ -18,7 +18,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any decoding failure is the file's fault
+    except Exception as err:
         raise MitotypeError(f"{path}: not a readable weights file ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

@@ -29,5 +29,5 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - a truncated or foreign file
+    except Exception as err:
         raise MitotypeError(f"{path}: unreadable checkpoint ({type(err).__name__}); delete it to start the run afresh") from None

@@ -13,9 +13,9 @@ import os
 import random
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -23,12 +23,12 @@ import torch
 from timm.utils import ModelEmaV3
 
 from mitotype._io import atomic_path, write_csv
-from mitotype.config import Config, fixed_threshold, record_config
+from mitotype.config import Config, fixed_threshold, record_config, resolve_device, validate_config
 from mitotype.data.images import ImageStore
 from mitotype.evaluation.metrics import best_threshold, binary_metrics
 from mitotype.errors import MitotypeError
-from mitotype.inference.engine import predict_batch, resolve_device
 from mitotype.models.artifact import CARD_NAME, save_model
+from mitotype.models.ensemble import Ensemble
 from mitotype.progress import console, progress_bar
 from mitotype.models.registry import MitotypeModel, create_model
 from mitotype.training.checkpoint import load_checkpoint, save_checkpoint
@@ -79,51 +79,56 @@ def build_optimizer(model: MitotypeModel, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
 
 
-@torch.no_grad()
-def predict_rows(
-    models: list[MitotypeModel], store: ImageStore, index: np.ndarray, device: torch.device, batch_size: int, tta: bool = False, amp: bool = False
-) -> np.ndarray:
-    """p_atypical for manifest positions ``index`` of a decoded store."""
-    for m in models:
-        m.eval()
-    out = [predict_batch(models, store.batch(index[s : s + batch_size]), device, tta, amp) for s in range(0, len(index), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros(0)
+EpochCallback = Callable[[int, int], None]  # (epochs done, epochs in all), after each checkpoint
+
+
+def stop_after(epoch: int) -> EpochCallback:
+    """A callback that stops the run after ``epoch`` epochs (as an interruption would), leaving a
+    checkpoint that ``resume=True`` continues from: what the resume tests use."""
+
+    def callback(done: int, total: int) -> None:
+        if done >= epoch and done < total:
+            raise Interrupted(f"stopped after epoch {done} as asked")
+
+    return callback
+
+
+@dataclass
+class _State:
+    """What an epoch changes and a checkpoint keeps (with the model, optimiser and schedule)."""
+
+    sample_gen: torch.Generator
+    augment_gen: torch.Generator
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"score": -1.0, "epoch": -1, "bad_epochs": 0})
+    best_state: dict[str, torch.Tensor] | None = None
 
 
 def fit(
-    cfg: Config,
-    manifest: pd.DataFrame,
-    store: ImageStore,
-    run_dir: Path,
-    train_idx: np.ndarray,
-    val_idx: np.ndarray | None = None,
-    resume: bool = False,
-    stop_after_epoch: int | None = None,
-    show_progress: bool = True,
-    feature_dir: Path | None = None,
+    cfg: Config, manifest: pd.DataFrame, store: ImageStore, run_dir: Path, *, train_idx: np.ndarray, val_idx: np.ndarray | None = None,
+    resume: bool = False, show_progress: bool = True, feature_dir: Path | None = None, on_epoch: EpochCallback | None = None,
 ) -> FitResult:
     """Train one model on manifest rows ``train_idx``; validate on ``val_idx`` when given.
 
     A frozen backbone's features are cached in ``feature_dir`` (default: ``run_dir/features``; cv
     passes one for all folds) and the loop reads them instead of pixels (training/features.py).
-    ``stop_after_epoch`` ends the process's work early (as an interruption would), leaving a
-    checkpoint that ``resume=True`` continues from: used by the resume test.
+    ``on_epoch(done, total)`` hears each checkpointed epoch and may raise :class:`Interrupted`.
     """
+    validate_config(cfg)
     t, run_dir = cfg.train, Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     record_config(run_dir / "config.yaml", cfg, resume)
     device = resolve_device(t.device)
-    on_cuda = device.type == "cuda"
     seed_everything(t.seed)
     if t.deterministic_algorithms:  # CPU kernels are already deterministic at a fixed thread count
         torch.use_deterministic_algorithms(True, warn_only=True)
-
-    if val_idx is None or not len(val_idx):
+    has_val = val_idx is not None and len(val_idx) > 0
+    if not has_val:
         for setting, active in (("train.threshold=auto", t.threshold == "auto"), (f"train.patience={t.patience}", t.patience > 0)):
             if active:
                 warnings.warn(f"{setting} needs validation rows (data.val_fraction, a validation dataset or a val/ split); ignored", stacklevel=2)
     labels = manifest["label"].to_numpy()
-    train_labels = labels[train_idx]
     targets_all = head_targets(manifest, {h.name: h for h in cfg.model.heads})  # checked before any work
     require_targets(targets_all, {h.name: h for h in cfg.model.heads}, train_idx)
     model = create_model(cfg.model).to(device)
@@ -135,92 +140,121 @@ def fit(
     scheduler = warmup_cosine(optimizer, round(t.warmup_epochs * steps_per_epoch), t.epochs * steps_per_epoch, t.min_lr_ratio)
     augment = BatchAugment(cfg.augment).to(device)
     criterion = HeadLoss(cfg.loss, model.head_specs, {col: v[train_idx] for col, v in targets_all.items()}).to(device)
-    sample_gen = torch.Generator().manual_seed(t.seed + 1)
-    augment_gen = torch.Generator().manual_seed(t.seed + 2)
+    state = _State(torch.Generator().manual_seed(t.seed + 1), torch.Generator().manual_seed(t.seed + 2))
     ema = ModelEmaV3(model, decay=t.ema_decay) if t.ema_decay > 0 else None
     scored = ema.module if ema is not None else model  # what validation scores and what is saved
-
-    start_epoch, history, best_state = 0, [], None
-    best = {"score": -1.0, "epoch": -1, "bad_epochs": 0}
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     if resume and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path)
-        model.load_saved_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        sample_gen.set_state(state["rng"]["sampler"])
-        augment_gen.set_state(state["rng"]["augment"])
-        if on_cuda and state["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        start_epoch, history, best = state["epoch"], state["history"], state["best"]
-        console.log(f"resumed {run_dir} at epoch {start_epoch}/{t.epochs}")
-        best_state = state.get("best_model")
-        if ema is not None:
-            ema.module.load_saved_state_dict(state["ema"])
+        _restore(ckpt_path, state, model, optimizer, scheduler, ema, device)
+        console.log(f"resumed {run_dir} at epoch {state.start_epoch}/{t.epochs}")
 
     started = time.perf_counter()
     progress = progress_bar("patches", show_progress, extra="loss")
     with progress:
-        for epoch in range(start_epoch, t.epochs):
-            if best["bad_epochs"] >= t.patience > 0:
+        for epoch in range(state.start_epoch, t.epochs):
+            if state.best["bad_epochs"] >= t.patience > 0:
                 break
-            model.train()
-            order = train_idx[epoch_order(train_labels, t.sampler, sample_gen)]
+            order = train_idx[epoch_order(labels[train_idx], t.sampler, state.sample_gen)]
             task = progress.add_task(f"epoch {epoch + 1}/{t.epochs}", total=len(order), loss="")
-            tic, loss_sum = time.perf_counter(), torch.zeros((), device=device)
-            for step in range(steps_per_epoch):
-                rows = order[step * t.batch_size : (step + 1) * t.batch_size]
-                batch = build_batch(store.batch(rows), device, transform=lambda x: augment(x, augment_gen), channels_last=t.channels_last)
-                targets = {col: v[rows].to(device, non_blocking=True) for col, v in targets_all.items()}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.amp and on_cuda):
-                    outputs = model(batch)
-                loss = criterion(outputs, targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if t.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                if ema is not None:
-                    ema.update(model)
-                loss_sum += loss.detach()
-                if step % 10 == 0 or step == steps_per_epoch - 1:
-                    progress.update(task, completed=min(len(order), (step + 1) * t.batch_size), loss=f"loss {loss_sum.item() / (step + 1):.4f}")
-            if not math.isfinite(loss_sum.item()):  # never checkpoint or save a diverged model
-                raise MitotypeError(f"{run_dir}: training diverged in epoch {epoch + 1} (loss {loss_sum.item()}); lower train.lr")
-            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum.item() / steps_per_epoch, "lr": optimizer.param_groups[1]["lr"], "train_seconds": time.perf_counter() - tic}
-            if val_idx is not None and len(val_idx):
-                p = predict_rows([scored], store, val_idx, device, t.eval_batch_size, amp=t.amp)
-                metrics = binary_metrics(labels[val_idx], p, fixed_threshold(t))
-                record.update({f"val_{k}": metrics[k] for k in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")})
-                if metrics["balanced_accuracy"] > best["score"]:
-                    best = {"score": metrics["balanced_accuracy"], "epoch": epoch + 1, "bad_epochs": 0}
-                    best_state = {k: v.detach().cpu().clone() for k, v in scored.saved_state_dict().items()}
-                else:
-                    best["bad_epochs"] += 1
-            history.append(record)
+            tic = time.perf_counter()
+            loss_sum = _train_epoch(cfg, model, store, order, targets_all, criterion, optimizer, scheduler, ema,
+                                    lambda x: augment(x, state.augment_gen), device,
+                                    lambda done, text, task=task: progress.update(task, completed=done, loss=text))
+            if not math.isfinite(loss_sum):  # never checkpoint or save a diverged model
+                raise MitotypeError(f"{run_dir}: training diverged in epoch {epoch + 1} (loss {loss_sum}); lower train.lr")
+            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, "lr": optimizer.param_groups[1]["lr"],
+                                      "train_seconds": time.perf_counter() - tic}
+            if has_val:
+                _validate(cfg, scored, store, labels, val_idx, device, record, state, epoch)
+            state.history.append(record)
             progress.update(task, description=f"epoch {epoch + 1}/{t.epochs}", loss=_describe(record))
-            save_checkpoint(ckpt_path, {
-                "epoch": epoch + 1, "model": model.saved_state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "best": best, "best_model": best_state, "history": history,
-                "ema": ema.module.saved_state_dict() if ema is not None else None,
-                "rng": {"torch": torch.get_rng_state(), "sampler": sample_gen.get_state(), "augment": augment_gen.get_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if on_cuda else []},
-            })
+            _checkpoint(ckpt_path, epoch, state, model, optimizer, scheduler, ema, device)
             if t.keep_epoch_checkpoints:
                 _save_weights(run_dir / "checkpoints" / f"epoch_{epoch + 1:03d}.safetensors", scored.saved_state_dict())
-            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < t.epochs:
-                raise Interrupted(f"stopped after epoch {epoch + 1} as asked")
+            if on_epoch is not None:
+                on_epoch(epoch + 1, t.epochs)
 
-    if best_state is not None or ema is not None:  # the best validated weights, else the average
-        model.load_saved_state_dict(best_state if best_state is not None else ema.module.saved_state_dict())
-    write_csv(run_dir / "history.csv", pd.DataFrame(history))
-    return _finish(cfg, manifest, store, run_dir, model, history, train_idx, val_idx, device, time.perf_counter() - started)
+    if state.best_state is not None or ema is not None:  # the best validated weights, else the average
+        model.load_saved_state_dict(state.best_state if state.best_state is not None else ema.module.saved_state_dict())
+    write_csv(run_dir / "history.csv", pd.DataFrame(state.history))
+    return _finish(cfg, manifest, store, run_dir, model, state.history, train_idx, val_idx, device, time.perf_counter() - started)
+
+
+def _restore(path: Path, state: _State, model: MitotypeModel, optimizer: torch.optim.Optimizer, scheduler: Any,
+             ema: ModelEmaV3 | None, device: torch.device) -> None:
+    """Continue exactly where the checkpoint stopped: weights, optimiser, schedule, every RNG, history."""
+    saved = load_checkpoint(path)
+    model.load_saved_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    state.sample_gen.set_state(saved["rng"]["sampler"])
+    state.augment_gen.set_state(saved["rng"]["augment"])
+    if device.type == "cuda" and saved["rng"].get("cuda"):
+        torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+    state.start_epoch, state.history, state.best = saved["epoch"], saved["history"], saved["best"]
+    state.best_state = saved.get("best_model")
+    if ema is not None:
+        ema.module.load_saved_state_dict(saved["ema"])
+
+
+def _train_epoch(cfg: Config, model: MitotypeModel, store: ImageStore, order: np.ndarray, targets_all: dict[str, torch.Tensor],
+                 criterion: HeadLoss, optimizer: torch.optim.Optimizer, scheduler: Any, ema: ModelEmaV3 | None,
+                 transform: Callable[[torch.Tensor], torch.Tensor], device: torch.device, report: Callable[[int, str], None]) -> float:
+    """One pass over ``order``: forward, loss, backward, clip, step, schedule, average; the summed step loss."""
+    t = cfg.train
+    model.train()
+    loss_sum = torch.zeros((), device=device)
+    steps = math.ceil(len(order) / t.batch_size)
+    for step in range(steps):
+        rows = order[step * t.batch_size : (step + 1) * t.batch_size]
+        batch = build_batch(store.batch(rows), device, transform=transform, channels_last=t.channels_last)
+        targets = {col: v[rows].to(device, non_blocking=True) for col, v in targets_all.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.amp and device.type == "cuda"):
+            outputs = model(batch)
+        loss = criterion(outputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update(model)
+        loss_sum += loss.detach()
+        if step % 10 == 0 or step == steps - 1:
+            report(min(len(order), (step + 1) * t.batch_size), f"loss {loss_sum.item() / (step + 1):.4f}")
+    return float(loss_sum.item())
+
+
+def _validate(cfg: Config, scored: MitotypeModel, store: ImageStore, labels: np.ndarray, val_idx: np.ndarray, device: torch.device,
+              record: dict[str, Any], state: _State, epoch: int) -> None:
+    """Score the validation rows into ``record``; keep the weights of the best balanced accuracy so far."""
+    t = cfg.train
+    p = Ensemble([scored], device=device, amp=t.amp).score_store(store, val_idx, batch_size=t.eval_batch_size)
+    metrics = binary_metrics(labels[val_idx], p, fixed_threshold(t))
+    record.update({f"val_{k}": metrics[k] for k in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")})
+    if metrics["balanced_accuracy"] > state.best["score"]:
+        state.best = {"score": metrics["balanced_accuracy"], "epoch": epoch + 1, "bad_epochs": 0}
+        state.best_state = {k: v.detach().cpu().clone() for k, v in scored.saved_state_dict().items()}
+    else:
+        state.best["bad_epochs"] += 1
+
+
+def _checkpoint(path: Path, epoch: int, state: _State, model: MitotypeModel, optimizer: torch.optim.Optimizer, scheduler: Any,
+                ema: ModelEmaV3 | None, device: torch.device) -> None:
+    """Everything a resumed run needs to end where an uninterrupted one would."""
+    save_checkpoint(path, {
+        "epoch": epoch + 1, "model": model.saved_state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "best": state.best, "best_model": state.best_state, "history": state.history,
+        "ema": ema.module.saved_state_dict() if ema is not None else None,
+        "rng": {"torch": torch.get_rng_state(), "sampler": state.sample_gen.get_state(), "augment": state.augment_gen.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
+    })
 
 
 class Interrupted(RuntimeError):
-    """Raised by ``stop_after_epoch``: the run stopped on purpose and can be resumed."""
+    """Raised by a :func:`stop_after` callback: the run stopped on purpose and can be resumed."""
 
 
 def _finish(cfg, manifest, store, run_dir, model, history, train_idx, val_idx, device, seconds) -> FitResult:
@@ -229,7 +263,7 @@ def _finish(cfg, manifest, store, run_dir, model, history, train_idx, val_idx, d
     val_predictions, val_metrics = None, {}
     threshold = fixed_threshold(t)  # "oof": cross_validate sets it once every fold has predicted
     if val_idx is not None and len(val_idx):
-        p = predict_rows([model], store, val_idx, device, t.eval_batch_size, amp=t.amp)
+        p = Ensemble([model], device=device, amp=t.amp).score_store(store, val_idx, batch_size=t.eval_batch_size)
         y = manifest["label"].to_numpy()[val_idx]
         if t.threshold == "auto":
             threshold = best_threshold(y, p)

@@ -27,9 +27,11 @@ from mitotype._io import check_output_dir, write_csv, write_text
 from mitotype.config import Config, config_change, load_config
 from mitotype.errors import MitotypeError
 from mitotype.evaluation.plots import plot_metric_bars
-from mitotype.inference.engine import predict_batch, resolve_device
+from mitotype.config import resolve_device
+from mitotype.models.ensemble import Ensemble
 from mitotype.models.artifact import load_model
-from mitotype.workflows.runs import Dataset, cross_validate, learnable, load_dataset
+from mitotype.data.dataset import Dataset, learnable, load_dataset
+from mitotype.workflows.runs import cross_validate
 
 COMPARED = ("balanced_accuracy", "roc_auc", "sensitivity", "specificity", "precision", "f1")
 LABELS = {"balanced_accuracy": "balanced accuracy", "roc_auc": "AUROC", "sensitivity": "sensitivity",
@@ -81,11 +83,12 @@ def throughput(model: Any, data: Dataset, device: Any, *, batches: int = 4, batc
     """Patches/s of one model predicting the same ``batches`` fixed uint8 batches: median of ``rounds`` after a warm-up."""
     index = np.arange(batches * batch_size) % len(data.store)
     fixed = [data.store.batch(index[s : s + batch_size]) for s in range(0, len(index), batch_size)]
+    ensemble = Ensemble([model], device=device, amp=amp)
 
     def once() -> float:
         tic = time.perf_counter()
         for batch in fixed:
-            predict_batch([model], batch, device, amp=amp)  # returns on the CPU: the device has finished
+            ensemble.p_atypical(batch)  # returns on the CPU: the device has finished
         return time.perf_counter() - tic
 
     once()
@@ -108,7 +111,7 @@ def compare(recipes: list[str], data_path: Path, out: Path, *, folds: int = 5, o
         d = cfg.data
         key = (d.patch_size, d.size_policy, d.on_bad_image, d.cache_dir)
         if key not in decoded:
-            decoded[key] = load_dataset(data_path, cfg, skip_missing, skipped_note=f"skipped.csv in {out}/<recipe>")
+            decoded[key] = load_dataset(data_path, cfg, skip_missing=skip_missing, skipped_note=f"skipped.csv in {out}/<recipe>")
         data, run_dir = decoded[key], out / name
         state, why = run_state(run_dir, cfg, folds, data)
         if state == "replace":
@@ -117,7 +120,7 @@ def compare(recipes: list[str], data_path: Path, out: Path, *, folds: int = 5, o
         if on_status is not None:
             on_status(name, {"new": "training", "replace": "training", "resume": "resuming", "reuse": "reused"}[state])
         if state != "reuse":
-            cross_validate(cfg, data, folds, run_dir, resume=state == "resume", n_boot=n_boot)
+            cross_validate(cfg, data, folds=folds, out=run_dir, resume=state == "resume", n_boot=n_boot)
         rows.append(_row(name, cfg, run_dir, data, state, rounds=rounds, batches=batches, batch_size=batch_size))
     table = pd.DataFrame(rows)
     write_csv(out / "compare.csv", table)

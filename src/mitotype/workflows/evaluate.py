@@ -13,25 +13,28 @@ from mitotype.data.readers import read_dataset
 from mitotype.data.splits import evaluation_rows
 from mitotype.evaluation.html_report import write_report
 from mitotype.evaluation.report import write_evaluation
-from mitotype.inference.predict import ensemble_threshold, load_models, predict_manifest, prediction_table
+from mitotype.inference.predict import predict_manifest, prediction_table
+from mitotype.inference.runtime import check_backend, make_backend
+from mitotype.models.ensemble import Ensemble
 
 
 def evaluate_model(
-    model_path: Path, data: Path, out_dir: Path, tta: bool = False, threshold: float | None = None,
+    model_path: Path, data: Path, out_dir: Path, *, tta: bool = False, threshold: float | None = None,
     skip_missing: bool = False, device: str = "auto", n_boot: int = 1000, progress: Callable[[int], None] | None = None,
-    size_policy: str | None = None, skip_bad: bool = False,
+    size_policy: str | None = None, skip_bad: bool = False, backend: str = "auto",
 ) -> tuple[dict, int]:
     """Writes predictions.csv, metrics.json, roc.png, confusion.png, report.html (and skipped.csv,
     the images left out with ``skip_bad``); returns (metrics, n_models). ``out_dir`` is checked before any work."""
     check_output_dir(out_dir, "out_dir")
-    models, dev = load_models(model_path, device)
-    t = ensemble_threshold(models, threshold)
+    check_backend(backend)
+    ensemble = Ensemble.load(model_path, device=device, threshold=threshold)
+    scorer, t = make_backend(backend, ensemble), ensemble.threshold
     df = read_dataset(data, skip_missing=skip_missing).manifest
     df = df.iloc[evaluation_rows(df)].reset_index(drop=True)
     require_labels(df, str(data))
     skipped: list[tuple[str, str]] = []
-    p = predict_manifest(models, df, tta=tta, device=dev, progress=progress, size_policy=size_policy, skip_bad=skip_bad,
-                         skipped=skipped, skipped_note=str(out_dir / "skipped.csv"))
+    p = predict_manifest(scorer, df, patch_size=ensemble.patch_size, size_policy=size_policy or ensemble.size_policy, tta=tta,
+                         progress=progress, skip_bad=skip_bad, skipped=skipped, skipped_note=str(out_dir / "skipped.csv"))
     if skipped:
         write_csv(out_dir / "skipped.csv", pd.DataFrame(skipped, columns=["path", "reason"]))
     else:  # a list from an earlier run must not describe this one
@@ -42,5 +45,5 @@ def evaluate_model(
     require_labels(scored, f"{data} (after skipping unusable images)")
     title = f"{Path(model_path).name} on {Path(data).name}"
     metrics = write_evaluation(scored, out_dir, threshold=t, n_boot=n_boot, title=title)
-    write_report(out_dir / "report.html", table, threshold=t, cards=[m.card for m in models], title=title, metrics=metrics)
-    return metrics, len(models)
+    write_report(out_dir / "report.html", table, threshold=t, cards=ensemble.cards, title=title, metrics=metrics)
+    return metrics, len(ensemble)

@@ -13,63 +13,26 @@ import inspect
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
 from mitotype._io import check_output_dir, write_csv, write_json
-from mitotype.config import Config, record_config
+from mitotype.config import Config, record_config, resolve_device, validate_config
+from mitotype.data.dataset import Dataset, learnable, load_dataset  # noqa: F401 (load_dataset: re-exported for the CLI)
 from mitotype.data.domains import leave_one_out_folds
-from mitotype.data.images import ImageStore, decode_all, skipped_table
+from mitotype.data.images import ImageStore
 from mitotype.data.manifest import require_labels
-from mitotype.data.readers import read_dataset
-from mitotype.data.splits import grouped_folds, read_split_file, train_val_split, training_rows
+from mitotype.data.splits import grouped_folds, read_split_file, train_val_split
 from mitotype.errors import MitotypeError
 from mitotype.evaluation.metrics import CROSS_FITTED_RULE, METRIC_NAMES, best_threshold, binary_metrics, cross_fitted_metrics, summarize_folds
 from mitotype.evaluation.report import write_evaluation
-from mitotype.inference.engine import resolve_device
 from mitotype.models.artifact import add_card_metrics, load_card_threshold, load_model, set_card_threshold
-from mitotype.training.loop import console, fit, is_complete, predict_rows
-
-
-@dataclass
-class Dataset:
-    """A manifest and its decoded patches, row for row."""
-
-    manifest: pd.DataFrame
-    store: ImageStore
-    problems: list[str]
-    skipped: pd.DataFrame | None = None  # (path, reason) of unusable images left out
-
-    def subset(self, index: np.ndarray) -> "Dataset":
-        return Dataset(self.manifest.iloc[index].reset_index(drop=True), self.store.subset(index), self.problems, self.skipped)
-
-
-def load_dataset(path: str | Path, cfg: Config, skip_missing: bool = False, *, skipped_note: str = "skipped.csv in the run directory") -> Dataset:
-    """Read, check and decode a labelled dataset once; unusable images are an error, or skipped if asked
-    (the run writes their full list where ``skipped_note`` says)."""
-    read = read_dataset(path, skip_missing=skip_missing)
-    for problem in read.problems:  # e.g. no slide information: the user must hear it before training
-        warnings.warn(problem, stacklevel=2)
-    require_labels(read.manifest, str(path))
-    store, bad = decode_all(read.manifest["path"].tolist(), cfg.data.patch_size, cfg.data.size_policy, cfg.data.on_bad_image, cfg.data.cache_dir,
-                            skipped_note=skipped_note)
-    manifest = read.manifest.iloc[store.rows].reset_index(drop=True)
-    skipped = None
-    if bad:
-        require_labels(manifest, f"{path} (after skipping {len(bad)} bad image(s))")
-        left_out = np.setdiff1d(np.arange(len(read.manifest)), store.rows)  # in path order, like ``bad``
-        skipped = skipped_table(bad, read.manifest["path"].to_numpy()[left_out].tolist())
-    return Dataset(manifest, store, read.problems + bad, skipped)
-
-
-def learnable(data: Dataset) -> Dataset:
-    """The dataset without its layout's test split (see :func:`training_rows`)."""
-    rows = training_rows(data.manifest)
-    return data if len(rows) == len(data.manifest) else data.subset(rows)
+from mitotype.models.ensemble import Ensemble
+from mitotype.training.loop import EpochCallback, console, fit, is_complete
 
 
 def check_run_dir(out: Path, resume: bool) -> Path:
@@ -121,16 +84,19 @@ def _clean_failed_start(job):
 
 
 @_clean_failed_start
-def train(cfg: Config, data: Dataset, out: Path, resume: bool = False, val: Dataset | None = None, **fit_kwargs) -> dict:
+def train(cfg: Config, data: Dataset, out: Path, *, resume: bool = False, val: Dataset | None = None, show_progress: bool = True,
+          on_epoch: EpochCallback | None = None) -> dict:
     """One model. Validation rows: a separate dataset, the manifest's ``val`` split, or a grouped
     hold-out of ``data.val_fraction``; none if none of these is given."""
+    validate_config(cfg)
     _prepare_dir(out, resume)
     _write_skipped(out, data, val)
     data = learnable(data)
     manifest, store = data.manifest, data.store
     if val is not None:
         manifest = pd.concat([manifest, val.manifest], ignore_index=True)
-        store = ImageStore(np.concatenate([np.asarray(data.store.array[data.store.rows]), np.asarray(val.store.array[val.store.rows])]), np.arange(len(manifest)))
+        pixels = [np.asarray(d.store.array[d.store.rows]) for d in (data, val)]
+        store = ImageStore(np.concatenate(pixels), np.arange(len(manifest)))
         train_idx, val_idx = np.arange(len(data.manifest)), np.arange(len(data.manifest), len(manifest))
     elif (manifest["split"] == "val").any():
         train_idx, val_idx = np.flatnonzero(manifest["split"] == "train"), np.flatnonzero(manifest["split"] == "val")
@@ -142,7 +108,7 @@ def train(cfg: Config, data: Dataset, out: Path, resume: bool = False, val: Data
     if cfg.train.threshold == "oof":
         warnings.warn("train.threshold=oof is chosen by cv on out-of-fold predictions; a single training run keeps 0.5", stacklevel=2)
     write_csv(out / "manifest.csv", manifest)
-    result = fit(cfg, manifest, store, out, train_idx, val_idx, resume=resume, **fit_kwargs)
+    result = fit(cfg, manifest, store, out, train_idx=train_idx, val_idx=val_idx, resume=resume, show_progress=show_progress, on_epoch=on_epoch)
     summary = {"recipe": cfg.recipe, "seconds": round(result.seconds, 1), "epochs": len(result.history), "threshold": result.threshold}
     if result.val_predictions is not None:
         write_csv(out / "val_predictions.csv", result.val_predictions)
@@ -164,8 +130,9 @@ def _record_splits(path: Path, table: pd.DataFrame, resume: bool) -> None:
 
 @_clean_failed_start
 def cross_validate(
-    cfg: Config, data: Dataset, folds: int, out: Path, resume: bool = False, split_file: Path | None = None, n_boot: int = 1000,
-    group_by: list[str] | None = None, on_fold: Callable[[int, dict], None] | None = None, **fit_kwargs
+    cfg: Config, data: Dataset, *, folds: int, out: Path, resume: bool = False, split_file: Path | None = None, n_boot: int = 1000,
+    group_by: list[str] | None = None, on_fold: Callable[[int, dict], None] | None = None, show_progress: bool = True,
+    on_epoch: EpochCallback | None = None,
 ) -> dict:
     """K grouped folds: K models, out-of-fold predictions, per-fold and mean ± sd metrics.
 
@@ -174,87 +141,121 @@ def cross_validate(
     ``on_fold(fold, metrics)`` hears each finished (or reused) fold's held-out metrics and may raise
     to stop the run there (``tune`` prunes a trial this way); finished folds stay for a resume.
     """
+    validate_config(cfg)
     _prepare_dir(out, resume)
     _write_skipped(out, data)
     started = time.perf_counter()
     data = learnable(data)
-    manifest, store = data.manifest, data.store
-    held_out: list[str] | None = None
-    if group_by:
-        fold_of, held_out = leave_one_out_folds(manifest, group_by)
-    elif split_file:
-        fold_of = read_split_file(split_file, manifest)
-    else:
-        fold_of = grouped_folds(manifest, folds, cfg.data.split_seed, cfg.data.stratify)
-    k = int(fold_of.max()) + 1
+    fold_of, held_out = _assign_folds(cfg, data.manifest, folds=folds, split_file=split_file, group_by=group_by)
     record_config(out / "config.yaml", cfg, resume)
-    _record_splits(out / "splits.csv", manifest.assign(fold=fold_of), resume)
+    _record_splits(out / "splits.csv", data.manifest.assign(fold=fold_of), resume)
     device = resolve_device(cfg.train.device)
-    p_oof = np.full(len(manifest), np.nan)
-    fold_metrics, thresholds, fold_seconds = [], [], []
-    for fold in range(k):
-        fold_dir = out / f"fold_{fold}"
-        train_idx, test_idx = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
-        tic = time.perf_counter()
-        if resume and is_complete(fold_dir):
-            console.log(f"fold {fold}: complete, reusing {fold_dir}")
-            loaded = load_model(fold_dir, device)
-            model, threshold = loaded.model, loaded.threshold
-        else:
-            console.log(f"fold {fold + 1}/{k}: {len(train_idx)} train / {len(test_idx)} held-out patches")
-            val_idx = None
-            if cfg.data.val_fraction > 0:  # early stopping on an inner split, never on the held-out fold
-                inner_train, inner_val = train_val_split(manifest.iloc[train_idx].reset_index(drop=True), cfg.data.val_fraction, cfg.data.split_seed,
-                                                          cfg.data.stratify)
-                train_idx, val_idx = train_idx[inner_train], train_idx[inner_val]
-            result = fit(cfg, manifest, store, fold_dir, train_idx, val_idx, resume=resume, feature_dir=out / "features", **fit_kwargs)
-            model, threshold = result.model, result.threshold
-        p = predict_rows([model], store, test_idx, device, cfg.train.eval_batch_size, amp=cfg.train.amp)
-        p_oof[test_idx] = p
-        metrics = binary_metrics(manifest["label"].to_numpy()[test_idx], p, threshold)
-        add_card_metrics(fold_dir, "held_out_fold", metrics)
-        fold_metrics.append(metrics)
-        thresholds.append(threshold)
-        fold_seconds.append(round(time.perf_counter() - tic, 1))
-        console.log(f"fold {fold}: balanced accuracy {metrics['balanced_accuracy']:.3f} · AUROC {metrics['roc_auc'] or float('nan'):.3f}")
+    p_oof = np.full(len(data.manifest), np.nan)
+    done: list[_FoldResult] = []
+    for fold in range(int(fold_of.max()) + 1):
+        result = _run_fold(cfg, data, fold_of, fold, out, device=device, resume=resume, show_progress=show_progress, on_epoch=on_epoch)
+        p_oof[result.rows] = result.p
+        done.append(result)
         if on_fold is not None:
-            on_fold(fold, metrics)
-
-    oof = manifest.assign(fold=fold_of, p_atypical=p_oof)[fold_of >= 0]  # fold -1: never held out
+            on_fold(fold, result.metrics)
+    oof = data.manifest.assign(fold=fold_of, p_atypical=p_oof)[fold_of >= 0]  # fold -1: never held out
     write_csv(out / "oof_predictions.csv", oof)
-    y, p_oof, oof_fold = oof["label"].to_numpy(), oof["p_atypical"].to_numpy(), oof["fold"].to_numpy()
-    fitted_metrics = cross_fitted_metrics(y, p_oof, oof_fold)
+    fitted, refit = _cross_fitted_thresholds(cfg, oof, out, done)
+    summary = _cv_summary(cfg, oof, out, done, fitted=fitted, refit=refit, held_out=held_out, group_by=group_by,
+                          groups=int(data.manifest["group"].nunique()), n_boot=n_boot)
+    summary.update(wall_seconds=round(time.perf_counter() - started, 1), device=str(device))
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _assign_folds(cfg: Config, manifest: pd.DataFrame, *, folds: int, split_file: Path | None,
+                  group_by: list[str] | None) -> tuple[np.ndarray, list[str] | None]:
+    """Each row's held-out fold (-1: never held out) and, leaving one domain out, the fold's domain."""
+    if group_by:
+        return leave_one_out_folds(manifest, group_by)
+    if split_file:
+        return read_split_file(split_file, manifest), None
+    return grouped_folds(manifest, folds, cfg.data.split_seed, cfg.data.stratify), None
+
+
+@dataclass
+class _FoldResult:
+    rows: np.ndarray  # held-out manifest positions
+    p: np.ndarray
+    threshold: float
+    metrics: dict
+    seconds: float
+
+
+def _run_fold(cfg: Config, data: Dataset, fold_of: np.ndarray, fold: int, out: Path, *, device: Any, resume: bool,
+              show_progress: bool, on_epoch: EpochCallback | None) -> _FoldResult:
+    """Train fold ``fold`` (or reuse it when resuming a finished one) and score its held-out rows."""
+    manifest, store = data.manifest, data.store
+    fold_dir = out / f"fold_{fold}"
+    train_idx, test_idx = np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
+    tic = time.perf_counter()
+    if resume and is_complete(fold_dir):
+        console.log(f"fold {fold}: complete, reusing {fold_dir}")
+        loaded = load_model(fold_dir, device)
+        model, threshold = loaded.model, loaded.threshold
+    else:
+        console.log(f"fold {fold + 1}/{int(fold_of.max()) + 1}: {len(train_idx)} train / {len(test_idx)} held-out patches")
+        val_idx = None
+        if cfg.data.val_fraction > 0:  # early stopping on an inner split, never on the held-out fold
+            inner_train, inner_val = train_val_split(manifest.iloc[train_idx].reset_index(drop=True), cfg.data.val_fraction,
+                                                      cfg.data.split_seed, cfg.data.stratify)
+            train_idx, val_idx = train_idx[inner_train], train_idx[inner_val]
+        result = fit(cfg, manifest, store, fold_dir, train_idx=train_idx, val_idx=val_idx, resume=resume, feature_dir=out / "features",
+                     show_progress=show_progress, on_epoch=on_epoch)
+        model, threshold = result.model, result.threshold
+    p = Ensemble([model], device=device, amp=cfg.train.amp).score_store(store, test_idx, batch_size=cfg.train.eval_batch_size)
+    metrics = binary_metrics(manifest["label"].to_numpy()[test_idx], p, threshold)
+    add_card_metrics(fold_dir, "held_out_fold", metrics)
+    console.log(f"fold {fold}: balanced accuracy {metrics['balanced_accuracy']:.3f} · AUROC {metrics['roc_auc'] or float('nan'):.3f}")
+    return _FoldResult(test_idx, p, threshold, metrics, round(time.perf_counter() - tic, 1))
+
+
+def _cross_fitted_thresholds(cfg: Config, oof: pd.DataFrame, out: Path, done: list[_FoldResult]) -> tuple[dict[int, float], list[dict]]:
+    """Each fold's threshold best on the other folds' out-of-fold predictions, and its metrics there.
+    With ``train.threshold=oof`` the fold models keep them (card threshold and held-out metrics)."""
+    fitted_metrics = cross_fitted_metrics(oof["label"].to_numpy(), oof["p_atypical"].to_numpy(), oof["fold"].to_numpy())
     fitted, refit = {f: t for f, (t, _) in fitted_metrics.items()}, [m for _, m in fitted_metrics.values()]
-    if cfg.train.threshold == "oof":  # each fold model keeps the threshold best on the other folds' predictions
+    if cfg.train.threshold == "oof":
         for f, t in fitted.items():
             set_card_threshold(out / f"fold_{f}", t, f"{CROSS_FITTED_RULE} (train.threshold=oof)")
             add_card_metrics(out / f"fold_{f}", "held_out_fold", refit[f])
-        fold_metrics, thresholds = refit, [load_card_threshold(out / f"fold_{f}") for f in fitted]
-        console.log("thresholds from the other folds: " + ", ".join(f"fold {f} {t:.3f} (BA {m['balanced_accuracy']:.3f})" for (f, t), m in zip(fitted.items(), refit)))
-    oof_threshold = float(np.mean(thresholds))
-    pooled = write_evaluation(oof[["label", "p_atypical", "domain"]], out / "oof", threshold=oof_threshold, n_boot=n_boot, title=f"{cfg.recipe}: out-of-fold")
+            done[f].metrics, done[f].threshold = refit[f], load_card_threshold(out / f"fold_{f}")
+        console.log("thresholds from the other folds: " + ", ".join(f"fold {f} {t:.3f} (BA {m['balanced_accuracy']:.3f})"
+                                                                   for (f, t), m in zip(fitted.items(), refit)))
+    return fitted, refit
+
+
+def _cv_summary(cfg: Config, oof: pd.DataFrame, out: Path, done: list[_FoldResult], *, fitted: dict[int, float], refit: list[dict],
+                held_out: list[str] | None, group_by: list[str] | None, groups: int, n_boot: int) -> dict:
+    """The pooled out-of-fold evaluation (written under ``out/oof``) and the run's summary."""
+    y, p_oof = oof["label"].to_numpy(), oof["p_atypical"].to_numpy()
+    thresholds = [f.threshold for f in done]
+    pooled = write_evaluation(oof[["label", "p_atypical", "domain"]], out / "oof", threshold=float(np.mean(thresholds)), n_boot=n_boot,
+                              title=f"{cfg.recipe}: out-of-fold")
     tuned = best_threshold(y, p_oof)
-    spread = summarize_folds(fold_metrics)
-    refit = summarize_folds(refit)
-    summary = {
+    spread, refit_spread = summarize_folds([f.metrics for f in done]), summarize_folds(refit)
+    per_fold = [{"fold": i, **({"held_out": held_out[i]} if held_out else {}), "threshold": f.threshold, "seconds": f.seconds,
+                 **{m: f.metrics[m] for m in METRIC_NAMES}, "n": f.metrics["n"]} for i, f in enumerate(done)]
+    return {
         "recipe": cfg.recipe,
-        "folds": k,
+        "folds": len(done),
         "n": int(len(oof)),
         "n_atypical": int((y == 1).sum()),
-        "groups": int(manifest["group"].nunique()),
+        "groups": groups,
         "split_seed": cfg.data.split_seed,
         "mean": {m: v["mean"] for m, v in spread.items()},
         "sd": {m: v["sd"] for m, v in spread.items()},
         "group_by": list(group_by or []),
-        "per_fold": [{"fold": i, **({"held_out": held_out[i]} if held_out else {}), "threshold": thresholds[i], "seconds": fold_seconds[i], **{m: fold_metrics[i][m] for m in METRIC_NAMES}, "n": fold_metrics[i]["n"]} for i in range(k)],
+        "per_fold": per_fold,
         "out_of_fold": {m: pooled[m] for m in (*METRIC_NAMES, "threshold")},  # pooled at the folds' mean threshold
         "out_of_fold_ci95": pooled.get("ci95", {}),
         "out_of_fold_best_threshold": {"threshold": tuned, **{m: binary_metrics(y, p_oof, tuned)[m] for m in METRIC_NAMES}},
         # each fold scored at the threshold that is best on the other folds' out-of-fold predictions
-        "cross_fitted_threshold": {"thresholds": list(fitted.values()), "mean": {m: v["mean"] for m, v in refit.items()},
-                                   "sd": {m: v["sd"] for m, v in refit.items()}},
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "device": str(device),
+        "cross_fitted_threshold": {"thresholds": list(fitted.values()), "mean": {m: v["mean"] for m, v in refit_spread.items()},
+                                   "sd": {m: v["sd"] for m, v in refit_spread.items()}},
     }
-    write_json(out / "summary.json", summary)
-    return summary

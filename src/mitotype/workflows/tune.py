@@ -31,7 +31,8 @@ import yaml
 from mitotype._io import check_output_dir, write_csv, write_text
 from mitotype.config import Config, dump_config, load_config
 from mitotype.errors import MitotypeError
-from mitotype.workflows.runs import Dataset, cross_validate
+from mitotype.data.dataset import Dataset
+from mitotype.workflows.runs import cross_validate
 
 STUDY_NAME = "mitotype-tune"
 KINDS = ("float", "log", "int", "choice")
@@ -250,7 +251,7 @@ def tune(recipe: str, data: Dataset, out: Path, *, trials: int, folds: int = 5, 
                 raise optuna.TrialPruned(f"after fold {fold}")
 
         resume = run_dir.is_dir() and any(run_dir.iterdir())
-        summary = cross_validate(cfg, data, folds, run_dir, resume=resume, n_boot=n_boot, on_fold=report)
+        summary = cross_validate(cfg, data, folds=folds, out=run_dir, resume=resume, n_boot=n_boot, on_fold=report)
         trial.set_user_attr("sd", summary["sd"]["balanced_accuracy"])
         return float(summary["mean"]["balanced_accuracy"])
 
