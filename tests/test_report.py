@@ -14,16 +14,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
-from conftest import TINY, make_patch, write_class_folders
-from mitotype.config import load_config
+from conftest import make_patch, write_class_folders
 from mitotype.evaluation.html_report import N_THUMBS, write_report
 from mitotype.evaluation.metrics import METRIC_NAMES
 from mitotype.inference.predict import predict_path
-from mitotype.models.artifact import save_model
-from mitotype.models.registry import create_model
 from mitotype.workflows.evaluate import evaluate_model
 
 EVIL = "<script>alert(1)<.png"
@@ -85,14 +81,6 @@ def fmt(v) -> str:
 
 def fmt_ci(ci) -> str:
     return "–" if ci[0] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
-
-
-@pytest.fixture
-def untrained(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    cfg = load_config("lite0-quick", TINY)
-    save_model(create_model(cfg.model), cfg, tmp_path / "model", threshold=0.5, trained_on={"data": "synthetic <b>"}, metrics={})
-    return tmp_path / "model"
 
 
 def evil_dataset(root: Path) -> Path:
