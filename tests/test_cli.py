@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -266,3 +267,21 @@ def test_an_interrupted_command_exits_130_not_0(monkeypatch, capsys) -> None:
     monkeypatch.setattr(recipes, "list_recipes", interrupted)
     code, _, err = run_cli(monkeypatch, capsys, "recipes")
     assert code == 130 and "aborted" in err
+
+
+@pytest.mark.parametrize("columns", [60, 200])
+def test_recipes_piped_or_narrow_never_cuts_a_name_or_weight_source(columns: int) -> None:
+    """Squeezed into a narrow terminal or a pipe, rich cut names to 'amibr-prot…': every name and
+    weight source word must be there whole, as the table (wide) or one block per recipe (narrow)."""
+    listing = mitotype("recipes", "--format", "csv")
+    assert listing.returncode == 0, listing.stderr
+    rows = pd.read_csv(io.StringIO(listing.stdout), keep_default_na=False)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": str(columns)}
+    result = subprocess.run([sys.executable, "-m", "mitotype", "recipes"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "…" not in result.stdout
+    assert ("┃ recipe" in result.stdout) == (columns == 200)  # wide: the table; narrow: blocks
+    for name in rows["name"]:  # whole, not the front of a longer name (resnet50-experts / resnet50-experts-4class)
+        assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", result.stdout), name
+    for word in {w for source in rows["source"] for w in source.split()}:
+        assert re.search(rf"(?<![\w-]){re.escape(word)}", result.stdout), word
