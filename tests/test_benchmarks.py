@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -251,3 +252,27 @@ def test_partial_cv_repredicts_the_finished_folds_and_scores_them_at_the_other_f
     partial_cv.main([str(cv_run), "--folds", "0,2", "--splits", str(splits), "--out", str(cv_run.parent / "p.csv")])
     (cv_run.parent / "fold_1").rename(cv_run / "fold_1")
     assert pd.read_csv(cv_run.parent / "p.csv").equals(got)
+
+
+def _check_figures(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / "check_figures.py"), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_check_figures_finds_the_readme_and_results_figures_equal_to_the_bundle() -> None:
+    run = _check_figures()
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip().endswith("figures checked against bundle.json: all agree")
+
+
+def test_check_figures_fails_naming_a_figure_that_drifted_or_whose_sentence_is_gone(tmp_path: Path) -> None:
+    readme = (BENCH.parent / "README.md").read_text()
+    assert readme.count("**0.783 ± 0.044**") == 1
+    (tmp_path / "README.md").write_text(readme.replace("**0.783 ± 0.044**", "**0.793 ± 0.044**"))
+    run = _check_figures("--readme", str(tmp_path / "README.md"))
+    assert run.returncode == 1
+    assert ("DRIFT CV balanced accuracy, mean ± sd over folds: README.md says 0.793, 0.044; bundle.json gives 0.783, 0.044"
+            in run.stdout.splitlines())
+    assert run.stdout.strip().endswith("1 drifted")
+    (tmp_path / "README.md").write_text(readme.replace("worst fold 0.718", "worst fold\n  0.718 (fold 1)"))  # rewritten, not changed
+    run = _check_figures("--readme", str(tmp_path / "README.md"))
+    assert run.returncode == 1 and "DRIFT CV folds and worst fold's balanced accuracy: its pattern matches 0 times in README.md" in run.stdout
