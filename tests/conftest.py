@@ -84,6 +84,22 @@ def tiny() -> list[str]:
     return list(TINY)
 
 
+@pytest.fixture
+def untrained(tmp_path: Path) -> Path:
+    """A saved tiny model with random weights: enough for commands that load a model, explain and
+    report on it. Its card's trained_on holds HTML, so the report tests see card fields escaped."""
+    import torch
+
+    from mitotype.config import load_config
+    from mitotype.models.artifact import save_model
+    from mitotype.models.registry import create_model
+
+    torch.manual_seed(0)
+    cfg = load_config("lite0-quick", TINY)
+    save_model(create_model(cfg.model), cfg, tmp_path / "model", threshold=0.5, trained_on={"data": "synthetic <b>"}, metrics={})
+    return tmp_path / "model"
+
+
 def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args) -> tuple[int, str, str]:
     """Run ``mitotype ARGS`` in this process (no interpreter start-up): (exit status, stdout, stderr)."""
     from mitotype.cli import main

@@ -20,6 +20,7 @@ from PIL import Image, ImageFile
 import mitotype.data.images as images
 from conftest import TINY, make_patch, write_class_folders
 from conftest import run_cli as cli
+from helpers import assert_one_line_error
 from mitotype._io import TMP_MARK, atomic_path, check_output_file, process_umask, write_csv
 from mitotype.cli import main
 from mitotype.data.images import BadImage, decode_patch, decode_threads
@@ -29,19 +30,6 @@ from mitotype.errors import MitotypeError
 from mitotype.training.checkpoint import save_checkpoint
 
 SETS = [arg for item in (*TINY, "train.epochs=1") for arg in ("--set", item)]
-
-
-
-
-def one_line_error(result: tuple[int, str, str], *needles: str) -> str:
-    code, _, stderr = result
-    assert code == 2, stderr
-    assert "Traceback" not in stderr
-    lines = [line for line in stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,12 +55,12 @@ def test_nan_and_inf_config_values_are_refused_naming_the_key(monkeypatch, capsy
     data, run = trained
     for value, shown in (("nan", "'nan'"), ("inf", "'inf'"), (".inf", "inf"), ("-.inf", "-inf")):
         result = cli(monkeypatch, capsys, "train", "--data", data, "--out", tmp_path / "r", *SETS, "--set", f"train.lr={value}")
-        one_line_error(result, f"config train.lr: {shown} is not a finite number")
-    one_line_error(cli(monkeypatch, capsys, "train", "--data", data, "--out", tmp_path / "r", *SETS, "--set", "augment.hed_sigma=nan"),
+        assert_one_line_error(result, f"config train.lr: {shown} is not a finite number")
+    assert_one_line_error(cli(monkeypatch, capsys, "train", "--data", data, "--out", tmp_path / "r", *SETS, "--set", "augment.hed_sigma=nan"),
                    "config augment.hed_sigma: 'nan' is not a finite number")
     assert not (tmp_path / "r").exists()
     for value in ("nan", "inf"):
-        one_line_error(cli(monkeypatch, capsys, "predict", data, "--model", run, "--out", tmp_path / "p.csv", "--threshold", value),
+        assert_one_line_error(cli(monkeypatch, capsys, "predict", data, "--model", run, "--out", tmp_path / "p.csv", "--threshold", value),
                        f"--threshold {value}: must be in (0, 1)")
     assert not (tmp_path / "p.csv").exists()
 
@@ -92,21 +80,21 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_work(monkeypatch, c
     a_file.write_text("keep me")
     no_work(monkeypatch)
     for command in ("train", "cv"):
-        one_line_error(cli(monkeypatch, capsys, command, "--data", data, "--out", a_file, *SETS), f"--out {a_file}: is a file; expected a folder")
-        one_line_error(cli(monkeypatch, capsys, command, "--data", data, "--out", a_file / "run", *SETS), f"{a_file} is a file, not a folder")
-    one_line_error(cli(monkeypatch, capsys, "evaluate", "--model", run, "--data", data, "--out", a_file), f"--out {a_file}: is a file")
-    one_line_error(cli(monkeypatch, capsys, "predict", data, "--model", run, "--out", tmp_path), f"--out {tmp_path}: is a folder; expected a file")
-    one_line_error(cli(monkeypatch, capsys, "predict", data, "--model", run, "--out", a_file / "p.csv"), f"{a_file} is a file, not a folder")
-    one_line_error(cli(monkeypatch, capsys, "benchmark", "--train", data, "--test", f"T={data}", "--out", a_file, *SETS), "--out", "is a file")
+        assert_one_line_error(cli(monkeypatch, capsys, command, "--data", data, "--out", a_file, *SETS), f"--out {a_file}: is a file; expected a folder")
+        assert_one_line_error(cli(monkeypatch, capsys, command, "--data", data, "--out", a_file / "run", *SETS), f"{a_file} is a file, not a folder")
+    assert_one_line_error(cli(monkeypatch, capsys, "evaluate", "--model", run, "--data", data, "--out", a_file), f"--out {a_file}: is a file")
+    assert_one_line_error(cli(monkeypatch, capsys, "predict", data, "--model", run, "--out", tmp_path), f"--out {tmp_path}: is a folder; expected a file")
+    assert_one_line_error(cli(monkeypatch, capsys, "predict", data, "--model", run, "--out", a_file / "p.csv"), f"{a_file} is a file, not a folder")
+    assert_one_line_error(cli(monkeypatch, capsys, "benchmark", "--train", data, "--test", f"T={data}", "--out", a_file, *SETS), "--out", "is a file")
     assert a_file.read_text() == "keep me"
 
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw))
-    one_line_error(cli(monkeypatch, capsys, "predict", data, "--model", run, "--out", locked / "sub" / "p.csv"),
+    assert_one_line_error(cli(monkeypatch, capsys, "predict", data, "--model", run, "--out", locked / "sub" / "p.csv"),
                    f"--out {locked / 'sub' / 'p.csv'}: cannot write in {locked} (Permission denied)")
-    one_line_error(cli(monkeypatch, capsys, "cv", "--data", data, "--out", locked / "cv", *SETS), f"cannot write in {locked}")
+    assert_one_line_error(cli(monkeypatch, capsys, "cv", "--data", data, "--out", locked / "cv", *SETS), f"cannot write in {locked}")
     assert list(locked.iterdir()) == []
 
 
@@ -135,7 +123,7 @@ def test_a_full_disk_keeps_the_old_file_and_says_what_was_not_written(monkeypatc
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", full)
-    one_line_error(cli(monkeypatch, capsys, "predict", data, "--model", run, "--out", target),
+    assert_one_line_error(cli(monkeypatch, capsys, "predict", data, "--model", run, "--out", target),
                    f"could not write {target} (No space left on device); nothing was replaced")
     assert target.read_text() == "old predictions\n"
     assert [p.name for p in tmp_path.iterdir()] == ["p.csv"]  # no temporary left behind
@@ -154,7 +142,7 @@ def test_duplicated_manifest_rows_are_refused_with_their_row_numbers(monkeypatch
     paths = sorted(str(p) for p in (data / "Normal").glob("*.png"))[:4]
     manifest = tmp_path / "m.csv"
     pd.DataFrame({"path": [paths[0], paths[1], paths[2], os.path.relpath(paths[1], tmp_path), paths[3]]}).to_csv(manifest, index=False)
-    one_line_error(cli(monkeypatch, capsys, "predict", manifest, "--model", run, "--out", tmp_path / "p.csv"),
+    assert_one_line_error(cli(monkeypatch, capsys, "predict", manifest, "--model", run, "--out", tmp_path / "p.csv"),
                    f"{manifest}: rows 3 and 5 name the same image {paths[1]}")
     assert not (tmp_path / "p.csv").exists()
 
@@ -215,7 +203,7 @@ def test_a_huge_image_is_refused_from_its_header(monkeypatch, capsys, tmp_path, 
     flat.mkdir()
     _png_header_only(flat / "tile.png", 12000, 12000)
     for policy in ("center-crop", "resize"):
-        one_line_error(cli(monkeypatch, capsys, "predict", flat, "--model", run, "--out", tmp_path / "p.csv", "--size-policy", policy),
+        assert_one_line_error(cli(monkeypatch, capsys, "predict", flat, "--model", run, "--out", tmp_path / "p.csv", "--size-policy", policy),
                        f"{flat / 'tile.png'}: image is 12000x12000 px, over 64x the 32x32 patch area; crop patches from it first", "--skip-bad")
     Image.fromarray(make_patch(np.random.default_rng(0), True, size=40)).save(tmp_path / "p40.png")
     Image.fromarray(make_patch(np.random.default_rng(0), True, size=16)).save(tmp_path / "p16.png")
@@ -263,7 +251,7 @@ def test_a_bad_expert_vote_names_its_row_and_column(monkeypatch, capsys, tmp_pat
     meta["expert2_atypical"] = meta["expert2_atypical"].astype(object)
     meta.loc[6, "expert2_atypical"] = "perhaps"
     meta.to_csv(bad / "metadata.csv", index=False)
-    one_line_error(cli(monkeypatch, capsys, "evaluate", "--model", run, "--data", bad, "--out", tmp_path / "ev"),
+    assert_one_line_error(cli(monkeypatch, capsys, "evaluate", "--model", run, "--data", bad, "--out", tmp_path / "ev"),
                    f"{bad / 'metadata.csv'} row 8 column expert2_atypical: label 'perhaps'")
     manifest = tmp_path / "m.csv"
     pd.DataFrame({"path": [str(p) for p in sorted((data / "Normal").glob("*.png"))[:2]], "label": [0, 0], "expert_1": ["normal", "??"]}
@@ -282,9 +270,9 @@ def test_a_run_that_fails_before_training_does_not_block_its_rerun(monkeypatch, 
     empty.mkdir()
     with monkeypatch.context() as mp:
         mp.setattr("mitotype.training.loop.create_model", broken)
-        one_line_error(cli(monkeypatch, capsys, "train", "--data", data, "--out", out, *SETS), "broken on purpose")
+        assert_one_line_error(cli(monkeypatch, capsys, "train", "--data", data, "--out", out, *SETS), "broken on purpose")
         assert not out.exists()  # config.yaml and manifest.csv had been written, then removed
-        one_line_error(cli(monkeypatch, capsys, "cv", "--data", data, "--folds", "2", "--out", empty, *SETS), "broken on purpose")
+        assert_one_line_error(cli(monkeypatch, capsys, "cv", "--data", data, "--folds", "2", "--out", empty, *SETS), "broken on purpose")
         assert empty.is_dir() and list(empty.iterdir()) == []
     code, _, err = cli(monkeypatch, capsys, "train", "--data", data, "--out", out, *SETS)
     assert code == 0, err
@@ -332,9 +320,9 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(monkeypatch, cap
     with pytest.raises(MitotypeError) as info:
         grouped_folds(df, 1)
     assert str(info.value) == "folds 1: need at least 2 folds"
-    one_line_error(cli(monkeypatch, capsys, "cv", "--data", data, "--folds", "1", "--out", tmp_path / "cv", *SETS), "error: --folds 1: need at least 2 folds")
+    assert_one_line_error(cli(monkeypatch, capsys, "cv", "--data", data, "--folds", "1", "--out", tmp_path / "cv", *SETS), "error: --folds 1: need at least 2 folds")
     (data / "Normal" / "N_004.png").unlink()
     with pytest.raises(MitotypeError, match="use skip_missing to drop them$") as info:
         read_dataset(data)
     assert "--" not in str(info.value)
-    one_line_error(cli(monkeypatch, capsys, "train", "--data", data, "--out", tmp_path / "r", *SETS), "use --skip-missing to drop them")
+    assert_one_line_error(cli(monkeypatch, capsys, "train", "--data", data, "--out", tmp_path / "r", *SETS), "use --skip-missing to drop them")

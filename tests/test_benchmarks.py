@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -64,9 +66,56 @@ def test_train_speed_times_fit_on_the_bare_loops_rows(tmp_path: Path, capsys: py
     assert "synthetic noise patches" in out and "2 batches of 4 (balanced order, same rows both sides)" in out
 
 
-def test_predict_speed_runs_three_sides_on_the_same_patches(tmp_path: Path) -> None:
+def test_predict_speed_runs_three_sides_on_the_same_patches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bare sides, predict and the naive loop read the same PNGs in the same order; each backend's
+    bare and predict sides give the same score per patch, the fp32 graphs PyTorch's, and int8 (a
+    quantized graph) scores that differ from fp32's: the sides time one piece of work, not look-alikes."""
+    import numpy as np
     import predict_speed
+    from mitotype.inference import backends
 
+    decoded: list[list[str]] = []
+    opened: list[str] = []
+    predicted: dict[int, tuple[object, list[str], list[np.ndarray]]] = {}  # backend id: (backend, paths, p per pass)
+    bare: dict[int, list[np.ndarray]] = {}  # backend id: its bare sides' batch scores, in call order
+    state = {"timing": False, "in_predict": False}
+    real_decode, real_predict, real_run, real_open = (predict_speed.decode_all, predict_speed.predict_manifest, predict_speed._run,
+                                                      predict_speed.Image.open)
+
+    def decode(paths, *args, **kwargs):
+        if state["timing"]:
+            decoded.append(list(paths))
+        return real_decode(paths, *args, **kwargs)
+
+    def predict(models, manifest, *args, backend, **kwargs):
+        state["in_predict"] = True
+        try:
+            p = real_predict(models, manifest, *args, backend=backend, **kwargs)
+        finally:
+            state["in_predict"] = False
+        predicted.setdefault(id(backend), (backend, list(manifest["path"]), []))[2].append(p)
+        return p
+
+    def run(*args, **kwargs):
+        state["timing"] = True
+        return real_run(*args, **kwargs)
+
+    def spy(cls):
+        real = cls.p_atypical
+
+        def p_atypical(self, batch, tta=False):
+            p = real(self, batch, tta)
+            if state["timing"] and not state["in_predict"]:
+                bare.setdefault(id(self), []).append(p)
+            return p
+        monkeypatch.setattr(cls, "p_atypical", p_atypical)
+
+    spy(backends.TorchBackend)
+    spy(backends._GraphBackend)
+    monkeypatch.setattr(predict_speed, "decode_all", decode)
+    monkeypatch.setattr(predict_speed, "predict_manifest", predict)
+    monkeypatch.setattr(predict_speed, "_run", run)
+    monkeypatch.setattr(predict_speed, "Image", SimpleNamespace(open=lambda path: opened.append(str(path)) or real_open(path)))  # naive loop only
     results = predict_speed.main(["--data", str(tmp_path / "absent"), *TINY, "--n", "6", "--batch-size", "4", "--rounds", "2"])
     names = ["bare forward (pre-decoded)", "bare ONNX Runtime fp32 session (pre-decoded)", "bare ONNX Runtime int8 session (pre-decoded)",
              "bare OpenVINO fp32 session (pre-decoded)", "bare OpenVINO bf16 session (pre-decoded)", "mitotype predict (from PNG)",
@@ -76,15 +125,48 @@ def test_predict_speed_runs_three_sides_on_the_same_patches(tmp_path: Path) -> N
         names = [n for n in names if "OpenVINO" not in n and "openvino" not in n]
     assert [r.name for r in results] == names
     assert [r.items for r in results] == [6] * len(names) and [len(r.seconds) for r in results] == [2] * len(names)
+    assert len({tuple(r.seconds) for r in results}) == len(results)  # each side timed on its own
+
+    paths = decoded[0]  # the bare sides' batches, decoded once up front
+    assert len(set(paths)) == 6 and all(d == paths for d in decoded)
+    assert opened == paths * 3  # the naive loop: the same files in the same order, warm-up + 2 rounds
+    assert len(predicted) == len(bare) == len(names) // 2 and predicted.keys() == bare.keys()
+    scores = {}
+    for key, (backend, predict_paths, passes) in predicted.items():
+        assert predict_paths == paths and len(passes) == 3
+        bare_passes = np.concatenate(bare[key]).reshape(3, 6)  # 2 batches (4 + 2) per pass
+        name = backend.name + ("-int8" if str(getattr(backend, "path", "")).endswith(".int8.onnx") else "")
+        scores[name] = passes[0]
+        for got in [*passes, *bare_passes]:
+            np.testing.assert_allclose(got, passes[0], atol=1e-5, rtol=0)
+    torch_p = scores.pop("torch")
+    assert np.ptp(torch_p) > 1e-4  # patches score apart, so agreeing means agreeing patch by patch
+    int8 = scores.pop("onnxruntime-int8")
+    assert not np.allclose(int8, scores["onnxruntime"], atol=1e-6, rtol=0)  # quantized: it must differ
+    for name, p in scores.items():
+        np.testing.assert_allclose(p, torch_p, atol=0.05 if name == "openvino-bf16" else 1e-4, rtol=0, err_msg=name)
 
 
-def test_cpu_levers_times_each_lever_against_the_default() -> None:
+def test_cpu_levers_times_each_lever_against_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each lever's pass runs for real but reports a scripted time (default 2 s), so every ratio is known."""
     import cpu_levers
 
+    seconds = iter([2.0, 1.0, 4.0, 0.5, 8.0])  # per side, in the order main builds them
+    real_runner = cpu_levers._runner
+
+    def runner(*args, **kwargs):
+        run, s = real_runner(*args, **kwargs), next(seconds)
+
+        def scripted() -> float:
+            run()
+            return s
+        return scripted
+
+    monkeypatch.setattr(cpu_levers, "_runner", runner)
     results = cpu_levers.main(["--data", "/nonexistent-mitotype-data", *TINY, "--batch-size", "4", "--batches", "1", "--rounds", "1"])
     assert [r.name for r in results] == ["default (channels-last, freeze_groups 3, fp32)", "contiguous NCHW",
                                          "deterministic algorithms on", "freeze_groups 0", "bf16 autocast"]
-    assert results[0].ratios == [1.0]
+    assert [r.ratios for r in results] == [[1.0], [2.0], [0.5], [4.0], [0.25]]  # throughput / the default's
 
 
 def test_lite_weights_check_reproduces_lite0_on_chelsea() -> None:
@@ -170,3 +252,27 @@ def test_partial_cv_repredicts_the_finished_folds_and_scores_them_at_the_other_f
     partial_cv.main([str(cv_run), "--folds", "0,2", "--splits", str(splits), "--out", str(cv_run.parent / "p.csv")])
     (cv_run.parent / "fold_1").rename(cv_run / "fold_1")
     assert pd.read_csv(cv_run.parent / "p.csv").equals(got)
+
+
+def _check_figures(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / "check_figures.py"), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_check_figures_finds_the_readme_and_results_figures_equal_to_the_bundle() -> None:
+    run = _check_figures()
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip().endswith("figures checked against bundle.json: all agree")
+
+
+def test_check_figures_fails_naming_a_figure_that_drifted_or_whose_sentence_is_gone(tmp_path: Path) -> None:
+    readme = (BENCH.parent / "README.md").read_text()
+    assert readme.count("**0.783 ± 0.044**") == 1
+    (tmp_path / "README.md").write_text(readme.replace("**0.783 ± 0.044**", "**0.793 ± 0.044**"))
+    run = _check_figures("--readme", str(tmp_path / "README.md"))
+    assert run.returncode == 1
+    assert ("DRIFT CV balanced accuracy, mean ± sd over folds: README.md says 0.793, 0.044; bundle.json gives 0.783, 0.044"
+            in run.stdout.splitlines())
+    assert run.stdout.strip().endswith("1 drifted")
+    (tmp_path / "README.md").write_text(readme.replace("worst fold 0.718", "worst fold\n  0.718 (fold 1)"))  # rewritten, not changed
+    run = _check_figures("--readme", str(tmp_path / "README.md"))
+    assert run.returncode == 1 and "DRIFT CV folds and worst fold's balanced accuracy: its pattern matches 0 times in README.md" in run.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import TINY, run_cli, write_class_folders
+from helpers import assert_one_line_error
 
 
 def mitotype(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -71,7 +73,7 @@ def test_predict_folder_with_tta_and_unlabelled_folder(cv_run: tuple[Path, Path]
     for p in list((data / "Normal").glob("*.png"))[:5]:
         (flat / p.name).write_bytes(p.read_bytes())
     Image.open(next(flat.glob("*.png"))).resize((40, 40)).save(flat / "big.png")
-    _one_line_error(mitotype("predict", str(flat), "--model", str(run), "--out", str(tmp_path / "q.csv")), "big.png", "40x40", "--size-policy")
+    assert_one_line_error(mitotype("predict", str(flat), "--model", str(run), "--out", str(tmp_path / "q.csv")), "big.png", "40x40", "--size-policy")
     (flat / "broken.png").write_bytes(b"nope")
     result = mitotype("predict", str(flat), "--model", str(run), "--out", str(tmp_path / "q.csv"), "--threshold", "0.3",
                       "--size-policy", "center-crop", "--skip-bad")
@@ -104,29 +106,20 @@ def test_train_and_inspect(tmp_path: Path) -> None:
     assert result.returncode == 0 and "1 problem(s)" in result.stdout and "N_005.png" in result.stdout
 
 
-def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 def test_bad_input_gives_one_line_errors(tmp_path: Path) -> None:
     data = write_class_folders(tmp_path / "d")
     (data / "Normal" / "N_003.png").write_bytes(b"\x89PNG broken")
     args = ["cv", "--data", str(data), "--folds", "2", "--out", str(tmp_path / "cv"), *sets()]
-    _one_line_error(mitotype(*args), "N_003.png", "cannot decode", "--skip-bad")
-    _one_line_error(mitotype("train", "--data", str(data), "--out", str(tmp_path / "r"), "--set", "train.lrr=1"), "unknown config key 'lrr'")
-    _one_line_error(mitotype("train", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "r")), "absent", "no such file")
-    _one_line_error(mitotype("cv", "--data", str(data), "--recipe", "nope", "--out", str(tmp_path / "r")), "recipe 'nope' not found")
+    assert_one_line_error(mitotype(*args), "N_003.png", "cannot decode", "--skip-bad")
+    assert_one_line_error(mitotype("train", "--data", str(data), "--out", str(tmp_path / "r"), "--set", "train.lrr=1"), "unknown config key 'lrr'")
+    assert_one_line_error(mitotype("train", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "r")), "absent", "no such file")
+    assert_one_line_error(mitotype("cv", "--data", str(data), "--recipe", "nope", "--out", str(tmp_path / "r")), "recipe 'nope' not found")
     one_class = tmp_path / "one"
     (one_class / "Normal").mkdir(parents=True)
     Image.open(data / "Normal" / "N_001.png").save(one_class / "Normal" / "a.png")
-    _one_line_error(mitotype("train", "--data", str(one_class), "--out", str(tmp_path / "r"), *sets()), "only one class")
-    _one_line_error(mitotype("predict", str(data), "--model", str(tmp_path)), "no model here")
-    _one_line_error(mitotype("data", "download", "nope", str(tmp_path)), "unknown dataset 'nope'")
+    assert_one_line_error(mitotype("train", "--data", str(one_class), "--out", str(tmp_path / "r"), *sets()), "only one class")
+    assert_one_line_error(mitotype("predict", str(data), "--model", str(tmp_path)), "no model here")
+    assert_one_line_error(mitotype("data", "download", "nope", str(tmp_path)), "unknown dataset 'nope'")
 
 
 def test_skip_bad_trains_on_the_rest_and_existing_runs_are_kept(tmp_path: Path) -> None:
@@ -138,7 +131,7 @@ def test_skip_bad_trains_on_the_rest_and_existing_runs_are_kept(tmp_path: Path) 
     assert "warning: skipped 1 unusable image(s)" in result.stderr and "greyscale" in result.stderr
     assert len(pd.read_csv(out / "manifest.csv")) == 39
     before = (out / "model.safetensors").read_bytes()
-    _one_line_error(mitotype("train", "--data", str(data), "--out", str(out), "--skip-bad", *sets()), "exists and is not empty", "--resume")
+    assert_one_line_error(mitotype("train", "--data", str(data), "--out", str(out), "--skip-bad", *sets()), "exists and is not empty", "--resume")
     assert (out / "model.safetensors").read_bytes() == before
 
 
@@ -199,7 +192,7 @@ def test_a_manifest_row_without_its_image_stops_or_is_skipped(tmp_path: Path, mo
     data = write_class_folders(tmp_path / "d")
     (data / "Normal" / "N_004.png").unlink()  # metadata.csv line 18 (12 atypical rows, then N_000..N_004)
     run = lambda *a: _in_process(monkeypatch, capsys, *a)  # noqa: E731
-    _one_line_error(run("train", "--data", data, "--out", tmp_path / "r", *sets("train.epochs=1")),
+    assert_one_line_error(run("train", "--data", data, "--out", tmp_path / "r", *sets("train.epochs=1")),
                     "metadata.csv", "row 18", "N_004.png", "--skip-missing")
     assert not (tmp_path / "r").exists()
     with pytest.warns(UserWarning, match=r"row 18 \(N_004.png\).*dropped"):  # in this process warnings reach pytest, not stderr
@@ -207,7 +200,7 @@ def test_a_manifest_row_without_its_image_stops_or_is_skipped(tmp_path: Path, mo
     assert result.returncode == 0, result.stderr
     manifest = pd.read_csv(tmp_path / "r" / "manifest.csv")
     assert len(manifest) == 39 and not manifest["path"].str.endswith("N_004.png").any()
-    _one_line_error(run("predict", data, "--model", tmp_path / "r", "--out", tmp_path / "p.csv"), "row 18", "N_004.png", "--skip-missing")
+    assert_one_line_error(run("predict", data, "--model", tmp_path / "r", "--out", tmp_path / "p.csv"), "row 18", "N_004.png", "--skip-missing")
     with pytest.warns(UserWarning, match="N_004.png"):
         result = run("predict", data, "--model", tmp_path / "r", "--out", tmp_path / "p.csv", "--skip-missing")
     assert result.returncode == 0, result.stderr
@@ -243,7 +236,7 @@ def test_unusable_image_modes_stop_train_and_are_skipped_on_request(tmp_path: Pa
         meta.loc[meta["filename"] == "N_006.png", "filename"] = "N_006.tif"
         meta.to_csv(data / "metadata.csv", index=False)
     run = lambda *a: _in_process(monkeypatch, capsys, *a)  # noqa: E731
-    _one_line_error(run("train", "--data", data, "--out", tmp_path / "r", *sets("train.epochs=1")), target.name, message, "--skip-bad")
+    assert_one_line_error(run("train", "--data", data, "--out", tmp_path / "r", *sets("train.epochs=1")), target.name, message, "--skip-bad")
     with pytest.warns(UserWarning, match=re.escape(f"skipped 1 unusable image(s): {target}: ") + ".*" + re.escape(message)):
         result = run("train", "--data", data, "--out", tmp_path / "r", "--skip-bad", *sets("train.epochs=1"))
     assert result.returncode == 0, result.stderr
@@ -274,3 +267,21 @@ def test_an_interrupted_command_exits_130_not_0(monkeypatch, capsys) -> None:
     monkeypatch.setattr(recipes, "list_recipes", interrupted)
     code, _, err = run_cli(monkeypatch, capsys, "recipes")
     assert code == 130 and "aborted" in err
+
+
+@pytest.mark.parametrize("columns", [60, 200])
+def test_recipes_piped_or_narrow_never_cuts_a_name_or_weight_source(columns: int) -> None:
+    """Squeezed into a narrow terminal or a pipe, rich cut names to 'amibr-prot…': every name and
+    weight source word must be there whole, as the table (wide) or one block per recipe (narrow)."""
+    listing = mitotype("recipes", "--format", "csv")
+    assert listing.returncode == 0, listing.stderr
+    rows = pd.read_csv(io.StringIO(listing.stdout), keep_default_na=False)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": str(columns)}
+    result = subprocess.run([sys.executable, "-m", "mitotype", "recipes"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "…" not in result.stdout
+    assert ("┃ recipe" in result.stdout) == (columns == 200)  # wide: the table; narrow: blocks
+    for name in rows["name"]:  # whole, not the front of a longer name (resnet50-experts / resnet50-experts-4class)
+        assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", result.stdout), name
+    for word in {w for source in rows["source"] for w in source.split()}:
+        assert re.search(rf"(?<![\w-]){re.escape(word)}", result.stdout), word

@@ -290,8 +290,11 @@ _TINY_RECIPE = {
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_each_recipe_trains_one_epoch_through_the_cli(recipe: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture) -> None:
+def test_each_recipe_trains_one_epoch_through_the_cli_with_a_tiny_stand_in_backbone(
+        recipe: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """The recipe's architecture, heads, options and inner split through ``mitotype train``, but on a tiny
+    stand-in backbone (test_efficientnet / test_resnet, ``_TINY_RECIPE``), not its real DenseNet-121 or
+    ResNet-50: this shows the recipe's wiring trains, not that its real network does."""
     data = write_class_folders(tmp_path / "data", n_atypical=12, n_normal=20, n_slides=8)
     overrides = [*_TINY_RECIPE[recipe], "model.pretrained=none", f"model.input_size={PATCH}", f"data.patch_size={PATCH}",
                  "train.epochs=1", "train.batch_size=8", "train.eval_batch_size=32", "data.val_fraction=0.25"]

@@ -168,16 +168,24 @@ def _frame(with_domain: bool) -> pd.DataFrame:
     return df
 
 
+def assert_figure(path, size: tuple[int, int]) -> None:
+    """The file decodes as a PNG of ``size`` (figsize x 150 dpi) with something drawn on it:
+    a figure saved blank, or cut by a changed layout, would still have bytes."""
+    with Image.open(path) as im:
+        assert (im.format, im.size) == ("PNG", size)
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
+    assert len(np.unique(pixels, axis=0)) > 50  # lines, text and their anti-aliasing, not one colour
+    assert (pixels != pixels[0]).any(axis=1).mean() > 0.02  # more than a speck differs from the background
+
+
 @pytest.mark.parametrize("with_domain", [False, True])
 def test_write_evaluation_files(tmp_path, with_domain):
     df = _frame(with_domain)
     out = tmp_path / "eval"
     m = write_evaluation(df, out, threshold=0.4, n_boot=50, title="test")
     assert sorted(f.name for f in out.iterdir()) == ["confusion.png", "metrics.json", "roc.png"]
-    for name in ("roc.png", "confusion.png"):
-        with Image.open(out / name) as im:
-            im.verify()
-            assert im.format == "PNG"
+    assert_figure(out / "roc.png", (675, 675))
+    assert_figure(out / "confusion.png", (600, 540))
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(m))
     assert saved["threshold"] == 0.4 and saved["n"] == len(df)
@@ -204,7 +212,7 @@ def test_per_domain_needs_a_value_and_tolerates_one_class(tmp_path):
 def test_plots_handle_one_class_and_formats(tmp_path):
     plot_roc([1, 1, 1], [0.2, 0.5, 0.9], tmp_path / "roc.png")
     plot_confusion([0, 1, 1], [0, 0, 1], tmp_path / "cm.svg", title="svg")
-    assert (tmp_path / "roc.png").stat().st_size > 0
+    assert_figure(tmp_path / "roc.png", (675, 675))  # the diagonal and the 'ROC undefined' note
     assert (tmp_path / "cm.svg").read_text().lstrip().startswith("<?xml")
     with pytest.raises(MitotypeError, match="unsupported image format"):
         plot_roc(Y, P, tmp_path / "roc.xyz")

@@ -9,39 +9,19 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-
-from conftest import run_cli as cli
 from torch import nn
 
-from conftest import PATCH, TINY, write_class_folders
-from mitotype.config import HeadConfig, load_config
+from conftest import PATCH, write_class_folders
+from conftest import run_cli as cli
+from helpers import assert_one_line_error
+from mitotype.config import HeadConfig
 from mitotype.inference.explain import CAPTION, HEADER, PAD, TILE, find_target_layer, grad_cams
-from mitotype.models.artifact import save_model
 from mitotype.models.pretrained import Normalization
-from mitotype.models.registry import MitotypeModel, create_model
+from mitotype.models.registry import MitotypeModel
 
 pytest.importorskip("pytorch_grad_cam", reason="pytorch-grad-cam not installed (pip install 'mitotype[explain]')")
 SIZE = 64
 RED, BLUE = (slice(4, 12), slice(48, 56)), (slice(48, 56), slice(4, 12))  # top-right / bottom-left boxes (rows, cols)
-
-
-
-
-def one_line_error(result: tuple[int, str, str], *needles: str) -> None:
-    code, _, err = result
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
-@pytest.fixture
-def untrained(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    cfg = load_config("lite0-quick", TINY)
-    save_model(create_model(cfg.model), cfg, tmp_path / "model", threshold=0.5, trained_on={}, metrics={})
-    return tmp_path / "model"
 
 
 class ColourBackbone(nn.Module):
@@ -151,10 +131,10 @@ def test_bad_explain_input_is_one_line_with_exit_2(monkeypatch, capsys, tmp_path
     a_file = tmp_path / "f.txt"
     a_file.write_text("x")
     run = lambda *args: cli(monkeypatch, capsys, "explain", *args)  # noqa: E731
-    one_line_error(run(untrained, tmp_path / "nowhere", tmp_path / "ex"), "input", "nowhere", "no such file")
-    one_line_error(run(untrained, data, tmp_path / "ex", "--target", "both"), "--target 'both'", "atypical, predicted")
-    one_line_error(run(untrained, data, tmp_path / "ex", "--n", "0"), "--n 0", "at least 1")
-    one_line_error(run(untrained, data, a_file), "OUT_DIR", "is a file")
-    one_line_error(run(tmp_path / "data", data, tmp_path / "ex"), "no model here")
-    one_line_error(run(untrained, data, data), "OUT_DIR", "would replace an input patch")
+    assert_one_line_error(run(untrained, tmp_path / "nowhere", tmp_path / "ex"), "input", "nowhere", "no such file")
+    assert_one_line_error(run(untrained, data, tmp_path / "ex", "--target", "both"), "--target 'both'", "atypical, predicted")
+    assert_one_line_error(run(untrained, data, tmp_path / "ex", "--n", "0"), "--n 0", "at least 1")
+    assert_one_line_error(run(untrained, data, a_file), "OUT_DIR", "is a file")
+    assert_one_line_error(run(tmp_path / "data", data, tmp_path / "ex"), "no model here")
+    assert_one_line_error(run(untrained, data, data), "OUT_DIR", "would replace an input patch")
     assert not (tmp_path / "ex").exists()

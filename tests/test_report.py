@@ -14,16 +14,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
-from conftest import TINY, make_patch, write_class_folders
-from mitotype.config import load_config
-from mitotype.evaluation.html_report import N_THUMBS, write_report
+from conftest import make_patch, write_class_folders
+from mitotype.evaluation.html_report import N_THUMBS, esc, in_sample_note, write_report
 from mitotype.evaluation.metrics import METRIC_NAMES
 from mitotype.inference.predict import predict_path
-from mitotype.models.artifact import save_model
-from mitotype.models.registry import create_model
 from mitotype.workflows.evaluate import evaluate_model
 
 EVIL = "<script>alert(1)<.png"
@@ -85,14 +81,6 @@ def fmt(v) -> str:
 
 def fmt_ci(ci) -> str:
     return "–" if ci[0] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
-
-
-@pytest.fixture
-def untrained(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    cfg = load_config("lite0-quick", TINY)
-    save_model(create_model(cfg.model), cfg, tmp_path / "model", threshold=0.5, trained_on={"data": "synthetic <b>"}, metrics={})
-    return tmp_path / "model"
 
 
 def evil_dataset(root: Path) -> Path:
@@ -157,6 +145,50 @@ def test_report_escapes_file_names_and_shows_the_worst_errors_first(tmp_path: Pa
     fp_html = text[text.index("id='gallery-fp'"):]
     thumb = re.search(r"src='data:image/png;base64,([^']+)'", fp_html).group(1)  # the most confident false positive, lossless
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(base64.b64decode(thumb)))), patches[EVIL])
+
+
+def _trained_on(source, n: int = 40) -> dict:
+    """A card as far as the in-sample check reads it: where the training images were."""
+    return {"provenance": {"trained_on": {"source": str(source), "n": n}}, "threshold": 0.5, "build": {}}
+
+
+def test_in_sample_note_names_the_patches_under_the_training_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    train, other = tmp_path / "train", tmp_path / "train-other"  # a sibling whose name starts with the source's
+    inside = [str(train / "Atypical" / "a.png"), str(train / "Normal" / "n.png"), str(train / "Normal" / "m.png")]
+    outside = [str(other / "a.png"), str(tmp_path / "b.png")]
+    note = in_sample_note(inside + outside, [_trained_on(train)])
+    assert note is not None and note.startswith(f"3 of these 5 patches lie under {train.resolve()}, where the model was trained (40 ")
+    assert "own training data" in note and "not a measure of accuracy" in note and "cross-validated" in note
+    assert in_sample_note(outside, [_trained_on(train)]) is None  # out of sample: no warning
+    folds = [_trained_on(train), _trained_on(train, 41)]  # a fold ensemble: one source, counted once per patch
+    note = in_sample_note(inside, folds)
+    assert note.startswith(f"3 of these 3 patches lie under {train.resolve()}, where the model was trained (40 training patches per model)")
+    monkeypatch.chdir(tmp_path)  # relative paths and a link to the folder are the same files
+    (tmp_path / "link").symlink_to(train, target_is_directory=True)
+    assert in_sample_note(["train/Normal/n.png", str(tmp_path / "link" / "x.png")], [_trained_on(train)]).startswith("2 of these 2")
+    assert in_sample_note(inside, [_trained_on("train")]).startswith("3 of these 3")  # a relative source, from here
+    for card in ({"provenance": {"trained_on": {}}}, {"provenance": {}}, {}, _trained_on(""), _trained_on(Path(tmp_path.anchor))):
+        assert in_sample_note(inside, [card]) is None  # nothing recorded, or a source (a root) that would match anything
+
+
+def test_report_header_warns_when_the_patches_are_the_models_training_data(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    paths = []
+    for i in range(6):
+        Image.fromarray(make_patch(rng, bool(i % 2))).save(data / f"p{i}.png")
+        paths.append(str(data / f"p{i}.png"))
+    table = pd.DataFrame({"path": paths, "p_atypical": np.linspace(0.1, 0.9, 6), "true_label": [0, 1] * 3})
+    table["label"] = np.where(table["p_atypical"] >= 0.5, "atypical", "normal")
+    write_report(tmp_path / "in.html", table, threshold=0.5, cards=[_trained_on(data, 6)], title="t", n_boot=20)
+    text = (tmp_path / "in.html").read_text()
+    warning = re.search(r"<div class='warn' id='in-sample'>(.*?)</div>", text)
+    assert warning and text.index("id='in-sample'") < text.index("<h2>Counts</h2>")  # in the header, before any figure
+    assert f"6 of these 6 patches lie under {esc(data.resolve())}" in warning.group(1)
+    assert "not a measure of accuracy" in warning.group(1)
+    write_report(tmp_path / "out.html", table, threshold=0.5, cards=[_trained_on(tmp_path / "elsewhere", 6)], title="t", n_boot=20)
+    assert "in-sample" not in (tmp_path / "out.html").read_text()
 
 
 def test_predict_report_without_labels_shows_counts_histogram_and_calls(tmp_path: Path, untrained: Path) -> None:

@@ -150,9 +150,9 @@ def test_generator_use_does_not_depend_on_config():
 
 def test_bad_input():
     aug = BatchAugment(ALL_ON)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expected a \(B, 3, H, W\) batch, got shape \(3, 8, 8\)"):
         aug(torch.rand(3, 8, 8), gen())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expected a \(B, 3, H, W\) batch, got shape \(2, 1, 8, 8\)"):
         aug(torch.rand(2, 1, 8, 8), gen())
     with pytest.raises(MitotypeError, match="rot90"):
         aug(torch.rand(2, 3, 8, 12), gen())

@@ -362,13 +362,62 @@ def recipes(
 
         print(pd.DataFrame(rows, columns=["name", "description", "arch", "backbone", "input_size", "weights", "source", "error"])
               .to_csv(index=False), end="")
-    else:
-        table = Table("recipe", "arch", "backbone", "input", "weights", "description", show_lines=True)
+    elif out.width >= _recipes_table_width(rows):
+        from rich.table import Column
+
+        table = Table(*(Column(h, no_wrap=True) for h in ("recipe", "arch", "backbone", "input")), Column("weights", overflow="fold"),
+                      Column("description", overflow="fold"), show_lines=True)
         for r in rows:
-            weights = f"{r['weights']} ({r['source']})" if r["source"] and r["source"] != r["weights"] else r["weights"]
             text = f"[red]{r['error']}[/red]" if r["error"] else r["description"]
-            table.add_row(r["name"], r["arch"], r["backbone"], _fmt_int(r["input_size"]), weights, text)
+            table.add_row(r["name"], r["arch"], r["backbone"], _fmt_int(r["input_size"]), _recipe_weights(r), text)
         out.print(table)
+    else:
+        _print_recipe_blocks(rows)
+
+
+RECIPES_MIN_DESCRIPTION = 30  # below this a description column reads worse than one block per recipe
+
+
+def _recipe_weights(r: dict) -> str:
+    return f"{r['weights']} ({r['source']})" if r["source"] and r["source"] != r["weights"] else r["weights"]
+
+
+def _recipes_table_width(rows: list[dict]) -> int:
+    """Terminal columns the recipes table needs to show names, architectures, backbones and weight
+    sources whole: squeezed, rich cuts a cell to 'amibr-prot…', and a name cut is one a user cannot type."""
+    def longest(key: str, header: str) -> int:
+        return max([len(header), *(len(str(r[key] if r[key] is not None else "–")) for r in rows)])
+
+    words = max((len(word) for r in rows for word in _recipe_weights(r).split()), default=0)
+    fixed = longest("name", "recipe") + longest("arch", "arch") + longest("backbone", "backbone") + longest("input_size", "input")
+    return fixed + max(words, len("weights")) + RECIPES_MIN_DESCRIPTION + 6 * 3 + 1  # 2 padding per column, 7 borders
+
+
+def _print_recipe_blocks(rows: list[dict]) -> None:
+    """One block per recipe, for terminals (and pipes) too narrow for the table. Lines wrap between
+    words only and rich does not wrap them again (soft_wrap), so a name, backbone or weight source
+    longer than the terminal is left to the terminal to wrap, never cut."""
+    import textwrap
+
+    from rich.text import Text
+
+    def show(text: str, style: str = "", indent: str = "  ") -> None:
+        if not text:
+            return
+        lines = textwrap.fill(text, max(out.width, 20), initial_indent=indent, subsequent_indent=indent, break_long_words=False,
+                              break_on_hyphens=False)
+        out.print(Text(lines, style=style), soft_wrap=True)
+
+    for i, r in enumerate(rows):
+        if i:
+            out.print()
+        show(r["name"], "bold", indent="")
+        if r["error"]:  # a recipe that does not load has no model to describe
+            show(r["error"], "red")
+            continue
+        show(f"{r['arch']} · {r['backbone']} · {_fmt_int(r['input_size'])} px")
+        show(f"weights: {_recipe_weights(r)}")
+        show(r["description"])
 
 
 def _fmt_int(value) -> str:

@@ -44,6 +44,7 @@ th,td{border:1px solid #ccc;padding:3px 9px;text-align:right} th{background:#f1f
 figure{margin:0;width:130px;font-size:11px} figure img{width:128px;height:128px;image-rendering:pixelated;border:1px solid #bbb}
 figcaption{overflow-wrap:anywhere} #card td{text-align:left} .note{color:#666;font-size:12px}
 details pre{font-size:11px;background:#f7f7f7;padding:8px}
+.warn{background:#fff3cd;border:1px solid #e0b800;padding:8px 12px;margin:12px 0;font-size:14px}
 """
 
 
@@ -111,8 +112,41 @@ def _header(table: pd.DataFrame, scored: pd.DataFrame, threshold: float, cards: 
             ("called atypical", f"{n_atyp} ({n_atyp / max(len(scored), 1):.1%})"), ("called normal", len(scored) - n_atyp),
             ("threshold", f"{threshold:.4g}"), ("models", f"{len(cards)}" + (" (fold ensemble, mean p)" if len(cards) > 1 else ""))]
     when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    return (f"<h1>{esc(title)}</h1><div class='sub'>mitotype {esc(mitotype.__version__)} · {esc(when)}</div>"
+    note = in_sample_note(table["path"].astype(str).tolist() if "path" in table else [], cards)
+    warning = f"<div class='warn' id='in-sample'><b>Training data:</b> {esc(note)}</div>" if note else ""
+    return (f"<h1>{esc(title)}</h1><div class='sub'>mitotype {esc(mitotype.__version__)} · {esc(when)}</div>{warning}"
             "<h2>Counts</h2>" + _kv_table(rows, "counts"))
+
+
+def in_sample_note(paths: Sequence[str], cards: Sequence[dict]) -> str | None:
+    """A warning when some ``paths`` lie under a card's ``trained_on.source`` (the common folder of the
+    model's training images), else None. Scores on a model's own training patches look far better
+    than on new ones, and a report that does not say so reads as a measure of accuracy. A source
+    that is a filesystem root (training images from several disks) would match anything: ignored."""
+    sources: dict[Path, int | None] = {}
+    for card in cards:
+        trained_on = (card.get("provenance") or {}).get("trained_on") or {}
+        if trained_on.get("source"):
+            source = Path(trained_on["source"]).resolve()
+            if source != Path(source.anchor):
+                sources.setdefault(source, trained_on.get("n"))
+    if not sources or not len(paths):
+        return None
+    hits = {source: 0 for source in sources}
+    for path in paths:
+        resolved = Path(path).resolve()
+        for source in sources:
+            if resolved == source or source in resolved.parents:
+                hits[source] += 1
+                break
+    found = [source for source, k in hits.items() if k]
+    if not found:
+        return None
+    n_train = sources[found[0]] if len(found) == 1 else None
+    size = f" ({n_train} training patches{' per model' if len(cards) > 1 else ''})" if n_train else ""
+    return (f"{sum(hits.values())} of these {len(paths)} patches lie under {', '.join(map(str, found))}, where the model was "
+            f"trained{size}: they include the model's own training data, so scores here are not a measure of accuracy; "
+            "see the cross-validated figures in the model card.")
 
 
 def _kv_table(rows: Sequence[tuple[Any, Any]], ident: str = "") -> str:

@@ -1,0 +1,117 @@
+"""Check the figures the README and RESULTS.md quote from saved results against those results; exit 1 naming each that drifted.
+
+    .venv/bin/python benchmarks/check_figures.py [--readme README.md] [--results benchmarks/RESULTS.md] [--bundle PATH]
+
+A number typed into prose does not change when the model behind it does: a new bundle, a rerun
+fold, a fixed metric would leave the README quoting the old figures. Each row of ``FIGURES`` names
+a figure, the document it is in, a pattern whose groups are the figure as printed (matched on the
+text with its line breaks and runs of spaces made single spaces) and how to recompute it from the
+saved result, rounded as printed. A pattern that no longer matches exactly once fails as well:
+the sentence was rewritten, and its row here must follow it.
+
+Saved results: the bundled model's ``bundle.json`` (its 5-fold CV: mean and sd over folds, pooled
+out-of-fold, per fold, the data's size; the bundle's bytes). Not checked, for want of a saved
+result in the repository: the bootstrap interval of the pooled figure and the per-source figures
+(they need the out-of-fold predictions, which stay in the run folder), the earlier experiments'
+and the speed runs' figures. No run summary is committed under ``benchmarks/results/`` yet; one
+that is can get rows here the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    doc: str  # "readme" or "results"
+    pattern: str  # one group per printed number
+    recompute: Callable[[dict], tuple[str, ...]]  # from bundle.json, formatted as printed
+
+
+def f3(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def mean_sd(metric: str) -> Callable[[dict], tuple[str, ...]]:
+    return lambda b: (f3(b["cv"]["mean"][metric]), f3(b["cv"]["sd"][metric]))
+
+
+def worst(metric: str) -> Callable[[dict], str]:
+    return lambda b: f3(min(fold[metric] for fold in b["cv"]["per_fold"]))
+
+
+def pooled(b: dict) -> tuple[str, ...]:
+    return f3(b["cv"]["out_of_fold"]["balanced_accuracy"]), f3(b["cv"]["out_of_fold"]["roc_auc"])
+
+
+def per_fold(b: dict) -> tuple[str, ...]:
+    return tuple(f3(fold[m]) for fold in sorted(b["cv"]["per_fold"], key=lambda f: f["fold"]) for m in ("balanced_accuracy", "roc_auc"))
+
+
+FIGURES = (
+    Figure("CV balanced accuracy, mean ± sd over folds", "readme",
+           r"`lite0-crop64-192` \(the bundled model\).{0,120}balanced accuracy \*\*(\S+) ± (\S+)\*\*", mean_sd("balanced_accuracy")),
+    Figure("CV AUROC, mean ± sd over folds", "readme", r", AUROC \*\*(\S+) ± (\S+)\*\* \(mean ± sd over", mean_sd("roc_auc")),
+    Figure("CV folds and worst fold's balanced accuracy", "readme", r"\(mean ± sd over (\d+) slide-grouped folds, worst fold (\S+)\)",
+           lambda b: (str(b["cv"]["folds"]), worst("balanced_accuracy")(b))),
+    Figure("pooled out-of-fold balanced accuracy / AUROC", "readme", r"pooled out-of-fold (\S+) \[[^\]]*\] / (\S+);", pooled),
+    Figure("training split: patches, atypical, slides", "readme",
+           r"The AMi-Br training split used here \(([\d,]+) patches of 128 × 128 px, (\d+) atypical, (\d+) slides",
+           lambda b: (f"{b['cv']['n']:,}", str(b["cv"]["n_atypical"]), str(b["cv"]["groups"]))),
+    Figure("experiment 8 row: worst fold, BA and AUROC mean ± sd, worst AUROC, pooled", "results",
+           r"\| `e8-lite0-crop64-192` \| lite0-crop64-192 \| 5 folds, worst (\S+) \| (\S+) ± (\S+) \| (\S+) ± (\S+) \(worst (\S+)\) \| "
+           r"(\S+) / (\S+) \|",
+           lambda b: (worst("balanced_accuracy")(b), *mean_sd("balanced_accuracy")(b), *mean_sd("roc_auc")(b), worst("roc_auc")(b),
+                      *pooled(b))),
+    Figure("experiment 8 per fold: balanced accuracy / AUROC", "results",
+           r"\| 8 `lite0-crop64-192` \| (\S+) / (\S+) \| (\S+) / (\S+) \| (\S+) / (\S+) \| (\S+) / (\S+) \| (\S+) / (\S+) \|", per_fold),
+    Figure("experiment 8 log entry: BA and AUROC mean ± sd, pooled", "results",
+           r"\| \*\*(\S+) ± (\S+) / (\S+) ± (\S+)\*\* \(experiment 4: [^)]*\); better on folds 0, 2, 3, 4 [^|]*? pooled OOF (\S+) \[[^\]]*\] / (\S+) ",
+           lambda b: (*mean_sd("balanced_accuracy")(b), *mean_sd("roc_auc")(b), *pooled(b))),
+    Figure("bundle size", "results", r"its `bundle.json` carries the CV figures\): (\S+) MiB in all",
+           lambda b: (f"{b['bytes'] / 2**20:.1f}",)),
+)
+
+
+def check(docs: dict[str, tuple[str, str]], bundle: dict) -> list[str]:
+    """One line per figure that drifted or whose sentence is no longer found; ``docs`` maps
+    readme / results to (file name, text)."""
+    problems = []
+    for fig in FIGURES:
+        where, text = docs[fig.doc]
+        found = re.findall(fig.pattern, " ".join(text.split()))
+        if len(found) != 1:
+            problems.append(f"{fig.name}: its pattern matches {len(found)} times in {where}, not once; update FIGURES in {Path(__file__).name}")
+            continue
+        printed = found[0] if isinstance(found[0], tuple) else (found[0],)
+        want = fig.recompute(bundle)
+        if printed != want:
+            problems.append(f"{fig.name}: {where} says {', '.join(printed)}; bundle.json gives {', '.join(want)}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
+    ap.add_argument("--bundle", type=Path, default=ROOT / "src" / "mitotype" / "bundled" / "bundle.json")
+    args = ap.parse_args(argv)
+    docs = {"readme": (args.readme.name, args.readme.read_text()), "results": (args.results.name, args.results.read_text())}
+    problems = check(docs, json.loads(args.bundle.read_text()))
+    for line in problems:
+        print(f"DRIFT {line}")
+    print(f"{len(FIGURES)} figures checked against {args.bundle.name}: " + (f"{len(problems)} drifted" if problems else "all agree"))
+    return problems
+
+
+if __name__ == "__main__":
+    raise SystemExit(1 if main() else 0)
