@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> list[Timed]:
 
     def fit_epoch() -> float:
         with tempfile.TemporaryDirectory() as tmp:
-            return fit(cfg, manifest, store, Path(tmp), train_idx, show_progress=False).history[0]["train_seconds"]
+            return fit(cfg, manifest, store, Path(tmp), train_idx=train_idx, show_progress=False).history[0]["train_seconds"]
 
     bare_epoch()  # warm-up of each side (oneDNN picks kernels on first use); fit's records the rows it gathers
     store.log = []

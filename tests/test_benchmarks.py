@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from mitotype.models.ensemble import Ensemble
+
 pytest.importorskip("torch")
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -87,10 +89,10 @@ def test_predict_speed_runs_three_sides_on_the_same_patches(tmp_path: Path, monk
             decoded.append(list(paths))
         return real_decode(paths, *args, **kwargs)
 
-    def predict(models, manifest, *args, backend, **kwargs):
+    def predict(backend, manifest, **kwargs):
         state["in_predict"] = True
         try:
-            p = real_predict(models, manifest, *args, backend=backend, **kwargs)
+            p = real_predict(backend, manifest, **kwargs)
         finally:
             state["in_predict"] = False
         predicted.setdefault(id(backend), (backend, list(manifest["path"]), []))[2].append(p)
@@ -110,7 +112,7 @@ def test_predict_speed_runs_three_sides_on_the_same_patches(tmp_path: Path, monk
             return p
         monkeypatch.setattr(cls, "p_atypical", p_atypical)
 
-    spy(backends.TorchBackend)
+    spy(Ensemble)
     spy(backends._GraphBackend)
     monkeypatch.setattr(predict_speed, "decode_all", decode)
     monkeypatch.setattr(predict_speed, "predict_manifest", predict)

@@ -60,9 +60,9 @@ def test_cv_group_by_domain_never_trains_on_the_held_out_domain(amibr: Path, tin
     seen: list[set[str]] = []
     real_fit = loop.fit
 
-    def spy(cfg, manifest, store, run_dir, train_idx, val_idx=None, **kw):
+    def spy(cfg, manifest, store, run_dir, *, train_idx, val_idx=None, **kw):
         seen.append(set(manifest["domain"].iloc[train_idx]))
-        return real_fit(cfg, manifest, store, run_dir, train_idx, val_idx, **kw)
+        return real_fit(cfg, manifest, store, run_dir, train_idx=train_idx, val_idx=val_idx, **kw)
 
     monkeypatch.setattr("mitotype.workflows.runs.fit", spy)
     summary = cross_validate(cfg, data, folds=5, out=tmp_path / "loo", group_by=["domain"])
