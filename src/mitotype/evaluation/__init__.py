@@ -1,26 +1,23 @@
-"""Evaluation stage: metrics with bootstrap CIs, ROC / confusion figures, metrics.json, tables."""
+"""Evaluation stage: metrics with bootstrap CIs, ROC / confusion figures, metrics.json, tables.
 
-from mitotype.evaluation.metrics import (
-    METRIC_NAMES,
-    best_threshold,
-    binary_metrics,
-    bootstrap_intervals,
-    cross_fitted_thresholds,
-    summarize_folds,
-)
-from mitotype.evaluation.plots import plot_confusion, plot_roc
-from mitotype.evaluation.report import evaluate_predictions, markdown_table, write_evaluation
+Names are re-exported lazily: importing ``mitotype.evaluation.metrics`` (as training does) must not
+load matplotlib, which only the plots and reports need.
+"""
 
-__all__ = [
-    "METRIC_NAMES",
-    "best_threshold",
-    "binary_metrics",
-    "bootstrap_intervals",
-    "cross_fitted_thresholds",
-    "evaluate_predictions",
-    "markdown_table",
-    "plot_confusion",
-    "plot_roc",
-    "summarize_folds",
-    "write_evaluation",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    "METRIC_NAMES": "metrics", "best_threshold": "metrics", "binary_metrics": "metrics", "bootstrap_intervals": "metrics",
+    "cross_fitted_thresholds": "metrics", "summarize_folds": "metrics", "plot_confusion": "plots", "plot_roc": "plots",
+    "evaluate_predictions": "report", "markdown_table": "report", "write_evaluation": "report",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'mitotype.evaluation' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"mitotype.evaluation.{_HOMES[name]}"), name)
