@@ -15,7 +15,6 @@ from mitotype.errors import MitotypeError
 from mitotype.models import bundled
 from mitotype.workflows import bundle
 from mitotype.models.artifact import load_ensemble
-from mitotype.workflows.runs import cross_validate, load_dataset
 from conftest import run_cli as cli
 
 
