@@ -320,7 +320,8 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(monkeypatch, cap
     with pytest.raises(MitotypeError) as info:
         grouped_folds(df, 1)
     assert str(info.value) == "folds 1: need at least 2 folds"
-    assert_one_line_error(cli(monkeypatch, capsys, "cv", "--data", data, "--folds", "1", "--out", tmp_path / "cv", *SETS), "error: --folds 1: need at least 2 folds")
+    assert_one_line_error(cli(monkeypatch, capsys, "cv", "--data", data, "--folds", "1", "--out", tmp_path / "cv", *SETS),
+                          "error: --folds 1: need at least 2 folds")
     (data / "Normal" / "N_004.png").unlink()
     with pytest.raises(MitotypeError, match="use skip_missing to drop them$") as info:
         read_dataset(data)

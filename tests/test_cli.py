@@ -50,7 +50,8 @@ def test_evaluate_a_fold_ensemble(cv_run: tuple[Path, Path], tmp_path: Path) -> 
     assert result.returncode == 0, result.stderr
     assert "3 model(s)" in result.stdout
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    for key in ("balanced_accuracy", "roc_auc", "average_precision", "sensitivity", "specificity", "precision", "f1", "accuracy", "n", "n_atypical", "threshold", "ci95", "per_domain"):
+    for key in ("balanced_accuracy", "roc_auc", "average_precision", "sensitivity", "specificity", "precision", "f1", "accuracy",
+                "n", "n_atypical", "threshold", "ci95", "per_domain"):
         assert key in metrics, key
     assert set(metrics["per_domain"]) == {"DOM_A", "DOM_B"} and metrics["n"] == 40
     assert (tmp_path / "ev" / "roc.png").is_file() and (tmp_path / "ev" / "confusion.png").is_file()

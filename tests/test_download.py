@@ -86,7 +86,7 @@ class Server:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:  # http.server's method name
                 path = urllib.parse.urlsplit(self.path).path
                 outer.hits.append(self.path)
                 body = outer.routes.get(path)
@@ -217,7 +217,8 @@ def test_http_404_is_one_line(tmp_path: Path) -> None:
 
 
 def test_unreachable_host_says_offline(tmp_path: Path) -> None:
-    with pytest.raises(MitotypeError, match=r"could not reach http://127\.0\.0\.1:9/.*offline\? download it elsewhere and point mitotype at that folder") as err:
+    with pytest.raises(MitotypeError,
+                       match=r"could not reach http://127\.0\.0\.1:9/.*offline\? download it elsewhere and point mitotype at that folder") as err:
         dl.download("midog25-atypical", tmp_path, base_url=CLOSED, progress=False)
     assert "\n" not in str(err.value)
     assert leftovers(tmp_path) == []
@@ -276,7 +277,8 @@ def test_tar_archives_extract_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, data in {"set-1.0/Atypical/a.png": png(1), "set-1.0/Normal/n.png": png(2), "set-1.0/labels.csv": b"filename,label\na.png,1\nn.png,0\n"}.items():
+        members = {"set-1.0/Atypical/a.png": png(1), "set-1.0/Normal/n.png": png(2), "set-1.0/labels.csv": b"filename,label\na.png,1\nn.png,0\n"}
+        for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import PATCH, TINY, run_cli, write_class_folders
+from helpers import assert_one_line_error
 from mitotype.config import HeadConfig, load_config
 from mitotype.errors import MitotypeError
 from mitotype.inference import export as ex
@@ -278,8 +279,8 @@ def test_predict_with_openvino_writes_the_torch_backends_table(tmp_path: Path, m
     real_import = builtins.__import__
     monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
                         if name == "openvino" else real_import(name, *a, **k))
-    code, _, err = run_cli(monkeypatch, capsys, "predict", data, "--model", model_dir, "--out", tmp_path / "w.csv", "--backend", "openvino")
-    _one_line(code, err, "--backend openvino needs the openvino package", "mitotype[openvino]")
+    assert_one_line_error(run_cli(monkeypatch, capsys, "predict", data, "--model", model_dir, "--out", tmp_path / "w.csv", "--backend", "openvino"),
+                          "--backend openvino needs the openvino package", "mitotype[openvino]")
     assert not (tmp_path / "w.csv").exists()
 
 
@@ -299,13 +300,6 @@ def test_openvino_bf16_compiles_in_bfloat16_where_the_cpu_has_it(tmp_path: Path,
         assert backend.name == name
         assert backend.compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == precision
         np.testing.assert_allclose(backend.p_atypical(batch), want, atol=tol, rtol=0)
-
-
-def _one_line(code: int, err: str, *needles: str) -> None:
-    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
-    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_export_bundled_exports_the_packaged_model_unless_a_folder_of_that_name_exists(
@@ -330,20 +324,21 @@ def test_bad_export_and_backend_options_are_one_line_errors(tmp_path: Path, monk
     model_dir, other = _save(tmp_path / "m"), _save(tmp_path / "other", seed=5)
     data = write_class_folders(tmp_path / "d", n_atypical=2, n_normal=2)
     out = tmp_path / "x.onnx"
-    _one_line(*run_cli(monkeypatch, capsys, "export", model_dir, out, "-f", "tflite")[::2], "--format 'tflite'", "onnx, torchscript")
-    _one_line(*run_cli(monkeypatch, capsys, "export", model_dir, out, "-f", "torchscript", "--int8")[::2], "--int8", "--format onnx")
-    _one_line(*run_cli(monkeypatch, capsys, "export", model_dir, out, "--int8")[::2], "--int8 needs --check-data")
-    _one_line(*run_cli(monkeypatch, capsys, "export", model_dir, out, "--check-data", data)[::2], "only apply with --int8")
-    _one_line(*run_cli(monkeypatch, capsys, "export", model_dir, out, "--int8", "--check-data", tmp_path / "no")[::2], "no such")
-    _one_line(*run_cli(monkeypatch, capsys, "export", model_dir, tmp_path)[::2], "OUT", "is a folder")
+    assert_one_line_error(run_cli(monkeypatch, capsys, "export", model_dir, out, "-f", "tflite"), "--format 'tflite'", "onnx, torchscript")
+    assert_one_line_error(run_cli(monkeypatch, capsys, "export", model_dir, out, "-f", "torchscript", "--int8"), "--int8", "--format onnx")
+    assert_one_line_error(run_cli(monkeypatch, capsys, "export", model_dir, out, "--int8"), "--int8 needs --check-data")
+    assert_one_line_error(run_cli(monkeypatch, capsys, "export", model_dir, out, "--check-data", data), "only apply with --int8")
+    assert_one_line_error(run_cli(monkeypatch, capsys, "export", model_dir, out, "--int8", "--check-data", tmp_path / "no"), "no such")
+    assert_one_line_error(run_cli(monkeypatch, capsys, "export", model_dir, tmp_path), "OUT", "is a folder")
     assert not out.exists()
     predict = ["predict", data, "--model", model_dir, "--out", tmp_path / "p.csv"]
-    _one_line(*run_cli(monkeypatch, capsys, *predict, "--backend", "tensorrt")[::2], "'--backend'", "'tensorrt' is not one of 'auto', 'torch', 'onnxruntime'")
-    _one_line(*run_cli(monkeypatch, capsys, *predict, "--backend", "torch", "--onnx", out)[::2],
+    assert_one_line_error(run_cli(monkeypatch, capsys, *predict, "--backend", "tensorrt"),
+                          "'--backend'", "'tensorrt' is not one of 'auto', 'torch', 'onnxruntime'")
+    assert_one_line_error(run_cli(monkeypatch, capsys, *predict, "--backend", "torch", "--onnx", out),
               "--onnx is read by the onnxruntime and openvino backends only")
-    _one_line(*run_cli(monkeypatch, capsys, *predict, "--backend", "onnxruntime", "--onnx", out)[::2], "--onnx", "no such file")
+    assert_one_line_error(run_cli(monkeypatch, capsys, *predict, "--backend", "onnxruntime", "--onnx", out), "--onnx", "no such file")
     ex.export_model(other, out)
-    _one_line(*run_cli(monkeypatch, capsys, *predict, "--backend", "onnxruntime", "--onnx", out)[::2], "exported from other weights")
+    assert_one_line_error(run_cli(monkeypatch, capsys, *predict, "--backend", "onnxruntime", "--onnx", out), "exported from other weights")
     assert not (tmp_path / "p.csv").exists()
 
 

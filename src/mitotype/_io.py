@@ -62,7 +62,7 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     """Delete temporaries of ``path`` left by writers that no longer run (killed mid-write)."""
     path = Path(path)
-    removed = []
+    removed: list[Path] = []
     if not path.parent.is_dir():
         return removed
     for tmp in path.parent.glob(f".{_glob_escape(path.name)}{TMP_MARK}*"):

@@ -6,7 +6,7 @@ import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Protocol, cast
 
 import typer
 from rich.console import Console
@@ -552,6 +552,16 @@ def _flag(option: str) -> str:
     return flags.get(option, "--" + option.replace("_", "-"))
 
 
+class _ClickError(Protocol):
+    """What main() uses of a click.ClickException (click's own or the copy typer may vendor)."""
+
+    exit_code: int
+
+    def format_message(self) -> str: ...
+
+    def show(self) -> None: ...
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     warnings.formatwarning = lambda message, category, *a, **k: f"warning: {message}\n"
@@ -567,12 +577,14 @@ def main() -> None:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
     except Exception as e:  # click usage errors arrive here in standalone_mode=False (typer may vendor its own click)
         kind = {cls.__name__ for cls in type(e).__mro__}
+        click_error = cast(_ClickError, e)  # matched by class name below, whichever click defined it
         if "BadParameter" in kind:  # e.g. an enum choice: one line naming the option and the choices
-            err.print(f"error: {e.format_message().replace('Value error, ', '')}", style="red", markup=False, highlight=False, soft_wrap=True)
+            message = click_error.format_message().replace("Value error, ", "")
+            err.print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
             sys.exit(2)
         if "ClickException" in kind:
-            e.show()
-            sys.exit(e.exit_code)
+            click_error.show()
+            sys.exit(click_error.exit_code)
         if "Abort" in kind:
             err.print("aborted")
             sys.exit(130)

@@ -272,7 +272,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise MitotypeError(f"config {where}: expected a mapping of names to values, got {value!r}")
         return dict(value)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a dataclass type (a hint is never an instance)
         if not isinstance(value, dict):
             raise MitotypeError(f"config {where}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(hint))}")
         obj = hint()

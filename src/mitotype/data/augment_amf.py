@@ -101,13 +101,13 @@ def draw_variants(rng: np.random.Generator) -> list[Variant]:
 def apply_variant(image: Image.Image, variant: Variant) -> Image.Image:
     """``variant`` of an RGB image, the same size (rotations fill the uncovered corners with white)."""
     if variant.kind == "rotate":
-        return image.rotate(variant.angle, resample=Image.BILINEAR, fillcolor=WHITE)
+        return image.rotate(variant.angle, resample=Image.Resampling.BILINEAR, fillcolor=WHITE)
     if variant.kind == "hflip_brightness":
         return ImageEnhance.Brightness(ImageOps.mirror(image)).enhance(variant.factor)
     if variant.kind == "vflip_contrast":
         return ImageEnhance.Contrast(ImageOps.flip(image)).enhance(variant.factor)
     if variant.kind == "rotate_sharpness":
-        rotated = image.rotate(variant.angle, resample=Image.BILINEAR, fillcolor=WHITE)
+        rotated = image.rotate(variant.angle, resample=Image.Resampling.BILINEAR, fillcolor=WHITE)
         return ImageEnhance.Sharpness(rotated).enhance(variant.factor)
     raise ValueError(f"unknown variant {variant.kind!r}")
 

@@ -443,8 +443,8 @@ def _open_archive(archive: Path, kind: str, url: str):
             yield list(infos), lambda name: zf.open(infos[name])
     elif kind == "tar":
         with tarfile.open(archive) as tf:
-            infos = {m.name: m for m in tf.getmembers() if m.isfile()}
-            yield list(infos), lambda name: tf.extractfile(infos[name])
+            members = {m.name: m for m in tf.getmembers() if m.isfile()}
+            yield list(members), lambda name: tf.extractfile(members[name])
     else:
         raise MitotypeError(f"{url}: unknown archive kind '{kind}' in the registry")
 

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, NoReturn, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -115,7 +115,7 @@ def _check_header_size(wh: tuple[int, int], size: int, policy: str, path: str | 
     _size_error(w, h, size, path)
 
 
-def _size_error(w: int, h: int, size: int, path: str | Path) -> None:
+def _size_error(w: int, h: int, size: int, path: str | Path) -> NoReturn:
     hint = "set data.patch_size or data.size_policy=center-crop|resize, or {size_policy} for predict/evaluate"
     raise BadImage(f"{path}: image is {w}x{h} px, expected {size}x{size} ({hint})", options=("size_policy",))
 
@@ -123,7 +123,7 @@ def _size_error(w: int, h: int, size: int, path: str | Path) -> None:
 def _fit(im: Image.Image, size: int, policy: str, path: str | Path) -> Image.Image:
     w, h = im.size
     if policy == "resize":
-        return im.resize((size, size), Image.BILINEAR)
+        return im.resize((size, size), Image.Resampling.BILINEAR)
     if policy == "center-crop" and w >= size and h >= size:
         left, top = (w - size) // 2, (h - size) // 2
         return im.crop((left, top, left + size, top + size))
@@ -146,6 +146,15 @@ class ImageStore:
 
     def subset(self, index: np.ndarray) -> "ImageStore":
         return ImageStore(self.array, self.rows[np.asarray(index)])
+
+
+class BatchSource(Protocol):
+    """What training and scoring gather manifest rows from: an :class:`ImageStore`, or the loop's
+    cached features (training/features.py ``FeatureStore``)."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, index: np.ndarray | Sequence[int]) -> torch.Tensor: ...
 
 
 def find_bad_images(paths: Sequence[str], patch_size: int, size_policy: str = "error", *, threads: int | None = None) -> list[str]:
@@ -207,7 +216,7 @@ def _decode_into(
     ok = np.ones(len(paths), dtype=bool)
     bad: list[str] = []
 
-    def work(i: int) -> str | None:
+    def work(i: int) -> BadImage | None:
         try:
             array[i] = decode_patch(paths[i], patch_size, size_policy)
             return None
@@ -246,7 +255,7 @@ def iter_batches(
     says ``skipped_note``: where the caller keeps the full list) and appended to ``skipped`` as
     (path, reason)."""
     chunks = (np.arange(s, min(s + batch_size, len(paths))) for s in range(0, len(paths), batch_size))
-    bad: list[str] = []
+    bad: list[tuple[int, str]] = []
 
     def decode(i: int) -> np.ndarray | None:
         try:

@@ -148,10 +148,12 @@ def _read_coco(path: Path, folder: Path, bbox_format: str) -> PointTable:
             raise MitotypeError(f"{path} images[{i}]: expected id and file_name")
         images[im["id"]] = im
     rows, where, dropped = [], [], 0
-    boxes = [a.get("bbox") if isinstance(a, dict) else None for a in data["annotations"]]
-    for i, box in enumerate(boxes):
+    boxes: list[list[float]] = []
+    for i, ann in enumerate(data["annotations"]):
+        box = ann.get("bbox") if isinstance(ann, dict) else None
         if not (isinstance(box, list) and len(box) == 4 and all(_finite(v) for v in box)):
             raise MitotypeError(f"{path} annotations[{i}]: bbox {box!r} is not 4 numbers")
+        boxes.append(box)
     corners = bbox_format == "xyxy" or (bbox_format == "auto" and all(b[2] > b[0] and b[3] > b[1] for b in boxes))
     for i, ann in enumerate(data["annotations"]):
         im = images.get(ann.get("image_id"))

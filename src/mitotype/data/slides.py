@@ -82,7 +82,7 @@ class Source:
         region = self.padded(level, x0, y0, side)
         if side == patch_size:
             return region
-        resample = Image.BOX if side > patch_size else Image.BILINEAR
+        resample = Image.Resampling.BOX if side > patch_size else Image.Resampling.BILINEAR
         return np.asarray(Image.fromarray(region).resize((patch_size, patch_size), resample), dtype=np.uint8)
 
     def padded(self, level: int, x0: int, y0: int, side: int) -> np.ndarray:

@@ -230,7 +230,7 @@ def _curves_png(y: np.ndarray, p: np.ndarray, threshold: float) -> bytes:
 
 def _histogram_png(p: np.ndarray, truth: np.ndarray, threshold: float) -> bytes:
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    bins = np.linspace(0, 1, 26)
+    bins: list[float] = np.linspace(0, 1, 26).tolist()
     if (truth >= 0).any():
         kinds = ((0, "true normal"), (1, "true atypical"), (-1, "unlabelled"))
         parts = [(p[truth == k], name) for k, name in kinds if (truth == k).any()]
@@ -247,8 +247,8 @@ def _histogram_png(p: np.ndarray, truth: np.ndarray, threshold: float) -> bytes:
 def _thumbnail(path: str) -> str:
     """The patch as an inline PNG, or a note when it cannot be read."""
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        with Image.open(path) as src:
+            im = src.convert("RGB")
             im.thumbnail((THUMB_PX, THUMB_PX))
             buf = io.BytesIO()
             im.save(buf, format="PNG")

@@ -65,7 +65,8 @@ def find_target_layer(backbone: nn.Module, size: int) -> nn.Module:
     param = next(backbone.parameters())
     try:
         with torch.no_grad():
-            feats = backbone.forward_features(torch.zeros(2, 3, size, size, device=param.device, dtype=param.dtype))
+            # a timm method (checked above); torch types module attributes Tensor | Module
+            feats = backbone.forward_features(torch.zeros(2, 3, size, size, device=param.device, dtype=param.dtype))  # type: ignore[operator]
     finally:
         for h in hooks:
             h.remove()
@@ -80,7 +81,7 @@ def find_target_layer(backbone: nn.Module, size: int) -> nn.Module:
     return matches[-1]  # hooks fire inner-first, so the last match is the outermost module
 
 
-def grad_cams(nets: Sequence[MitotypeModel], images: torch.Tensor, classes: Sequence[int]) -> np.ndarray:
+def grad_cams(nets: Sequence[MitotypeModel], images: torch.Tensor, classes: Sequence[int] | np.ndarray) -> np.ndarray:
     """(B, H, W) Grad-CAM maps in [0, 1] of float images (B, 3, H, W), for class 1 (atypical) or 0
     (normal) per image; the mean over ``nets``. With a centre-cropping model the map covers the crop
     and is 0 outside it."""
@@ -147,12 +148,12 @@ def explain_path(
         raise MitotypeError(f"{inputs}: no images found")
     paths = df["path"].astype(str).tolist()
     names = overlay_names(paths, Path(inputs), Path(out_dir))
-    nets, device = ensemble.nets, ensemble.device
+    nets, torch_device = ensemble.nets, ensemble.device
     p = np.full(len(paths), np.nan)
     for index, batch in iter_batches(paths, batch_size, ensemble.patch_size, size_policy or ensemble.size_policy):
         p[index] = ensemble.p_atypical(batch)
         classes = np.ones(len(index), dtype=int) if target == "atypical" else (p[index] >= t).astype(int)
-        maps = grad_cams(nets, to_input(batch, device), classes)
+        maps = grad_cams(nets, to_input(batch, torch_device), classes)
         for i, img, cam in zip(index, batch.numpy(), maps):
             with atomic_path(names[i]) as tmp:
                 Image.fromarray(overlay(img, cam)).save(tmp, format="PNG")
@@ -213,7 +214,7 @@ def write_contact_sheet(table: pd.DataFrame, path: Path, *, n: int, threshold: f
         for col, (_, row) in enumerate(rows.iterrows()):
             x = PAD + col * (TILE + PAD)
             with Image.open(row["overlay"]) as im:
-                sheet.paste(im.convert("RGB").resize((TILE, TILE), Image.BILINEAR), (x, y + HEADER))
+                sheet.paste(im.convert("RGB").resize((TILE, TILE), Image.Resampling.BILINEAR), (x, y + HEADER))
             name = Path(row["path"]).name
             draw.text((x, y + HEADER + TILE + 2), f"p {row['p_atypical']:.3f}", fill="black", font=font)
             short = name if len(name) <= 21 else name[:9] + "…" + name[-11:]

@@ -14,7 +14,7 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from mitotype._io import code_revision
 from mitotype.errors import MitotypeError
 from mitotype.models.artifact import WEIGHTS_NAME
 from mitotype.models.ensemble import Ensemble
+from mitotype.models.registry import MitotypeModel
 
 EXPORT_CARD_FORMAT = "mitotype-export/1"
 EXPORT_VERSION = 1  # part of the cache key: a change to the graph layout re-exports cached files
@@ -44,8 +45,8 @@ class InferenceGraph(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = image.permute(0, 3, 1, 2).float().div(255).contiguous(memory_format=torch.channels_last)
         total = torch.zeros(image.shape[0], dtype=torch.float32, device=image.device)
-        for net in self.nets:
-            total = total + net.p_atypical(net({"image": x}))
+        for net in self.nets:  # ModuleList yields nn.Module; every member is a MitotypeModel
+            total = total + cast(MitotypeModel, net).p_atypical(net({"image": x}))
         return total / len(self.nets)
 
 

@@ -217,7 +217,7 @@ def predict_points(
     from mitotype._io import check_output_file, write_csv
 
     summary_given = summary_csv is not None
-    summary_csv = Path(summary_csv) if summary_given else summary_csv_path(out_csv)
+    summary_csv = Path(summary_csv) if summary_csv is not None else summary_csv_path(out_csv)
     partial = partial_csv_path(out_csv)
     check_output_file(out_csv, "out_csv")
     check_output_file(summary_csv, "summary_csv" if summary_given else "out_csv")

@@ -7,7 +7,7 @@ neck, any pooled feature vector) without knowing the architecture around it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,7 @@ class NonLocalBlock(nn.Module):
         self.g = nn.Conv2d(channels, inter, kernel_size=1)
         self.out = nn.Conv2d(inter, channels, kernel_size=1)
         nn.init.zeros_(self.out.weight)
+        assert self.out.bias is not None  # Conv2d's default bias=True
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,10 +78,15 @@ class Neck(nn.Sequential):
         self.out_features = out_features
 
 
+@overload
+def positive_int_option(options: dict[str, Any], name: str, default: int) -> int: ...
+@overload
+def positive_int_option(options: dict[str, Any], name: str, default: None) -> int | None: ...
 def positive_int_option(options: dict[str, Any], name: str, default: int | None) -> int | None:
-    """``model.options[name]`` as an int >= 1 (``default`` when absent); one-line error otherwise."""
+    """``model.options[name]`` as an int >= 1 (``default`` when absent); one-line error otherwise.
+    None (absent or null) is returned only for an option without a default."""
     value = options.get(name, default)
-    if value is None:
+    if value is None and default is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise MitotypeError(f"config model.options.{name}: {value!r} must be an integer >= 1")

@@ -21,6 +21,7 @@ from torch import nn
 from mitotype.config import ModelConfig
 from mitotype.errors import MitotypeError
 from mitotype.models.blocks import NonLocalBlock, SqueezeExcite, build_neck, positive_int_option
+from mitotype.models.pretrained import timm_num_features, timm_pretrained_cfg
 from mitotype.models.registry import MitotypeModel, build_backbone, center_crop, check_options, freeze_leading_groups, register_model, resize
 from mitotype.transforms.stain import rgb_to_hed
 
@@ -44,10 +45,11 @@ class AttentionModel(MitotypeModel):
         return self.attention(output)
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        fmap = self.se(self.backbone.forward_features(self.prepare(batch["image"])))
+        # forward_features / forward_head: timm methods; torch types module attributes Tensor | Module
+        fmap = self.se(self.backbone.forward_features(self.prepare(batch["image"])))  # type: ignore[operator]
         if self.stage == FINAL:
             fmap = self.attention(fmap)
-        return self.backbone.forward_head(fmap, pre_logits=True)
+        return self.backbone.forward_head(fmap, pre_logits=True)  # type: ignore[operator]
 
 
 @register_model("timm-attention")
@@ -67,7 +69,7 @@ def timm_attention(cfg: ModelConfig, pretrained: bool = True) -> MitotypeModel:
     freeze_leading_groups(backbone, cfg.freeze_groups)
     return AttentionModel(backbone, list(cfg.heads), norm, cfg.input_size, se=se, attention=attention, stage=stage,
                           drop_rate=cfg.drop_rate, reduce_heads=cfg.reduce_heads, center_crop=cfg.center_crop,
-                          neck=build_neck(cfg.options, backbone.num_features))
+                          neck=build_neck(cfg.options, timm_num_features(backbone)))
 
 
 @torch.no_grad()
@@ -83,7 +85,8 @@ def _probe(backbone: nn.Module, size: int, stage: str | None, name: str) -> tupl
     was_training = backbone.training
     try:
         backbone.eval()
-        final = backbone.forward_features(torch.zeros(1, backbone.pretrained_cfg.get("in_chans", 3), size, size))
+        zeros = torch.zeros(1, timm_pretrained_cfg(backbone).get("in_chans", 3), size, size)
+        final = backbone.forward_features(zeros)  # type: ignore[operator]  # a timm method; torch types it Tensor | Module
     finally:
         backbone.train(was_training)
         if handle is not None:
@@ -107,9 +110,11 @@ class ContextStainModel(MitotypeModel):
     (6 channels); the two pooled vectors are concatenated (2 x num_features) before the heads."""
 
     single_view = False  # Grad-CAM (inference/explain.py) cannot separate the two views
+    hed_mean: torch.Tensor  # buffers (register_buffer in __init__): the stain channels' scale
+    hed_std: torch.Tensor
 
     def __init__(self, backbone: nn.Module, *args: Any, context_crop: int, **kwargs: Any):
-        super().__init__(backbone, *args, num_features=2 * backbone.num_features, **kwargs)
+        super().__init__(backbone, *args, num_features=2 * timm_num_features(backbone), **kwargs)
         self.context_crop = context_crop
         self.register_buffer("hed_mean", torch.tensor(HED_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("hed_std", torch.tensor(HED_STD).view(1, 3, 1, 1), persistent=False)
@@ -144,12 +149,12 @@ def context_stain(cfg: ModelConfig, pretrained: bool = True) -> MitotypeModel:
     freeze_leading_groups(backbone, cfg.freeze_groups)
     return ContextStainModel(backbone, list(cfg.heads), norm, cfg.input_size, context_crop=crop,
                              drop_rate=cfg.drop_rate, reduce_heads=cfg.reduce_heads, center_crop=cfg.center_crop,
-                             neck=build_neck(cfg.options, 2 * backbone.num_features))
+                             neck=build_neck(cfg.options, 2 * timm_num_features(backbone)))
 
 
 def widen_input(backbone: nn.Module, in_chans: int, name: str) -> None:
     """Give the backbone's first convolution (timm's ``pretrained_cfg['first_conv']``) ``in_chans`` inputs."""
-    first = backbone.pretrained_cfg.get("first_conv")
+    first = timm_pretrained_cfg(backbone).get("first_conv")
     first = first[0] if isinstance(first, (list, tuple)) else first
     conv = dict(backbone.named_modules()).get(first or "")
     if not isinstance(conv, nn.Conv2d):
@@ -157,4 +162,4 @@ def widen_input(backbone: nn.Module, in_chans: int, name: str) -> None:
                             "arch context-stain cannot widen its input")
     conv.weight = nn.Parameter(adapt_input_conv(in_chans, conv.weight.detach()))
     conv.in_channels = in_chans
-    backbone.pretrained_cfg = {**backbone.pretrained_cfg, "in_chans": in_chans}
+    backbone.pretrained_cfg = {**timm_pretrained_cfg(backbone), "in_chans": in_chans}  # type: ignore[assignment]  # a plain dict attribute (timm's)

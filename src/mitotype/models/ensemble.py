@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from mitotype.config import resolve_device
-from mitotype.data.images import ImageStore
+from mitotype.data.images import BatchSource
 from mitotype.errors import MitotypeError
 from mitotype.models.artifact import LoadedModel, load_ensemble
 from mitotype.models.registry import MitotypeModel
@@ -172,7 +172,7 @@ class Ensemble:
             net.eval()
         return _mean_p(self.nets, x, self.device, tta=tta, amp=self.amp).numpy()
 
-    def score_store(self, store: ImageStore, index: np.ndarray, *, batch_size: int = INFERENCE_BATCH, tta: bool = False) -> np.ndarray:
+    def score_store(self, store: BatchSource, index: np.ndarray, *, batch_size: int = INFERENCE_BATCH, tta: bool = False) -> np.ndarray:
         """p_atypical for positions ``index`` of a decoded store (cv's held-out rows, validation)."""
         parts = [self.p_atypical(store.batch(index[s : s + batch_size]), tta) for s in range(0, len(index), batch_size)]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)

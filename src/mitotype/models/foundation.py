@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, cast
 
 import torch
 from torch import nn
@@ -66,7 +66,7 @@ FOUNDATION_MODELS: dict[str, FoundationSpec] = {s.name: s for s in (
 )}
 
 
-def _layer_classes() -> dict[str, type]:
+def _layer_classes() -> dict[str, Callable[..., Any]]:
     """The only classes a kwarg may name: config and cards hold names, never importable paths."""
     from timm import layers
 
@@ -95,13 +95,14 @@ class PooledViT(nn.Module):
     def __init__(self, vit: nn.Module, pool: str):
         super().__init__()
         self.vit, self.pool = vit, pool
-        width = getattr(vit, "head_hidden_size", vit.num_features) if pool == "timm" else vit.num_features
+        vit_width = cast(int, vit.num_features)  # a timm attribute; torch types module attributes Tensor | Module
+        width: int = getattr(vit, "head_hidden_size", vit_width) if pool == "timm" else vit_width
         self.num_features = 2 * width if pool == "cls+mean" else width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.vit.forward_features(x)
+        tokens = self.vit.forward_features(x)  # type: ignore[operator]  # timm ViT methods; torch types them Tensor | Module
         if self.pool == "timm":
-            return self.vit.forward_head(tokens, pre_logits=True)
+            return self.vit.forward_head(tokens, pre_logits=True)  # type: ignore[operator]  # as above
         if self.pool == "cls":
             return tokens[:, 0]
         return torch.cat([tokens[:, 0], tokens[:, self.vit.num_prefix_tokens :].mean(dim=1)], dim=1)

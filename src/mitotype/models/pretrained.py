@@ -9,6 +9,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import timm
 from torch import nn
@@ -53,11 +54,12 @@ def create_backbone(name: str, source: str, **kwargs) -> tuple[nn.Module, Normal
         raise MitotypeError(f"model.kwargs: {name} does not accept {sorted(kwargs)} ({str(err).splitlines()[0][:120]})") from None
     if source in LITE_VARIANTS:
         load_lite_weights(backbone, source)
-        backbone.weights_source = source
+        backbone.weights_source = source  # type: ignore[assignment]  # a str attribute; torch types Module.__setattr__ Tensor | Module
         return backbone, Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     if source.startswith("file:"):
         load_weights_file(backbone, Path(source[5:]))
-    backbone.weights_source = _hub_name(backbone) if source == "hub" else source
+    origin = _hub_name(backbone) if source == "hub" else source
+    backbone.weights_source = origin  # type: ignore[assignment]  # a str attribute; torch types Module.__setattr__ Tensor | Module
     return backbone, _timm_normalization(backbone)
 
 
@@ -80,18 +82,28 @@ def _imagenet(name: str, **kwargs) -> tuple[nn.Module, Normalization]:
         message = f"model.pretrained=imagenet: no ImageNet weights for {name} here ({why}); training it from scratch"
         warnings.warn(message, stacklevel=2)
         return create_backbone(name, "none", **kwargs)
-    backbone.weights_source = _hub_name(backbone)
+    backbone.weights_source = _hub_name(backbone)  # type: ignore[assignment]  # a str attribute; torch types Module.__setattr__ Tensor | Module
     return backbone, _timm_normalization(backbone)
+
+
+def timm_num_features(backbone: nn.Module) -> int:
+    """A timm backbone's ``num_features`` (its pooled feature width); torch types module attributes Tensor | Module."""
+    return cast(int, backbone.num_features)
+
+
+def timm_pretrained_cfg(backbone: nn.Module) -> dict[str, Any]:
+    """A timm backbone's ``pretrained_cfg`` dict; torch types module attributes Tensor | Module."""
+    return cast(dict[str, Any], backbone.pretrained_cfg)
 
 
 def _hub_name(backbone: nn.Module) -> str:
     """``hub:`` + where timm took the weights from (its Hugging Face id, else the architecture.tag)."""
-    cfg = backbone.pretrained_cfg
+    cfg = timm_pretrained_cfg(backbone)
     return "hub:" + (cfg.get("hf_hub_id") or f"{cfg.get('architecture', '?')}.{cfg.get('tag') or 'default'}")
 
 
 def _timm_normalization(backbone: nn.Module) -> Normalization:
-    cfg = backbone.pretrained_cfg
+    cfg = timm_pretrained_cfg(backbone)
     return Normalization(tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225))))
 
 

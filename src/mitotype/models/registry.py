@@ -10,6 +10,7 @@ saved model needs nothing but uint8 patches and cannot be fed with the wrong sta
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import timm
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from mitotype.config import HeadConfig, ModelConfig, validate_model_config
 from mitotype.errors import MitotypeError
 from mitotype.models.blocks import build_neck
-from mitotype.models.pretrained import Normalization, create_backbone
+from mitotype.models.pretrained import Normalization, create_backbone, timm_num_features
 
 Head = HeadConfig  # a head is configuration: name, target column, classes, loss weight, positive classes
 
@@ -36,6 +37,8 @@ class MitotypeModel(nn.Module):
     """
 
     single_view = True  # one view of the patch goes through the backbone: Grad-CAM can explain it
+    mean: torch.Tensor  # buffers (register_buffer in __init__): the normalisation statistics
+    std: torch.Tensor
 
     @property
     def frozen_backbone(self) -> bool:
@@ -60,7 +63,7 @@ class MitotypeModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head_specs = {h.name: h for h in heads}
-        width = neck.out_features if neck is not None else num_features or backbone.num_features
+        width = cast(int, neck.out_features) if neck is not None else num_features or timm_num_features(backbone)
         self.heads = nn.ModuleDict({h.name: nn.Linear(width, h.num_classes) for h in heads})
         self.reduce_heads = list(reduce_heads or [heads[0].name])
         self.neck = neck  # None: no submodule, so plain models keep their state_dict keys
@@ -180,7 +183,7 @@ def timm_classifier(cfg: ModelConfig, pretrained: bool = True) -> MitotypeModel:
     backbone, norm = build_backbone(cfg, pretrained)
     freeze_leading_groups(backbone, cfg.freeze_groups)
     return MitotypeModel(backbone, list(cfg.heads), norm, cfg.input_size, drop_rate=cfg.drop_rate, reduce_heads=cfg.reduce_heads,
-                         center_crop=cfg.center_crop, neck=build_neck(cfg.options, backbone.num_features))
+                         center_crop=cfg.center_crop, neck=build_neck(cfg.options, timm_num_features(backbone)))
 
 
 def build_backbone(cfg: ModelConfig, pretrained: bool = True) -> tuple[nn.Module, Normalization]:
@@ -220,7 +223,7 @@ def freeze_leading_groups(backbone: nn.Module, n: int) -> None:
         raise MitotypeError(f"model.freeze_groups: {type(backbone).__name__} has no timm group_matcher; use 0")
     from timm.models import group_parameters
 
-    groups = group_parameters(backbone, backbone.group_matcher(coarse=True))
+    groups = group_parameters(backbone, backbone.group_matcher(coarse=True))  # type: ignore[operator]  # timm method (checked above)
     frozen = {name for gid, names in groups.items() if gid < n for name in names}
     for name, param in backbone.named_parameters():
         if name in frozen:

@@ -75,7 +75,9 @@ def feature_view(cfg: Config, model: MitotypeModel, store: ImageStore, *, cache_
 
 def cache_key(model: nn.Module, store: ImageStore, *, amp: bool) -> str:
     """Hash of the model's feature identity and of every image's pixels, in manifest order."""
-    digest = hashlib.sha256(json.dumps({**model.feature_identity(), "amp": amp}, sort_keys=True, default=str).encode())
+    # feature_identity: a method of frozen-backbone models (FoundationModel); torch types module attributes Tensor | Module
+    identity = model.feature_identity()  # type: ignore[operator]
+    digest = hashlib.sha256(json.dumps({**identity, "amp": amp}, sort_keys=True, default=str).encode())
     digest.update(f"{len(store)}|{store.array.shape[1:]}".encode())
     for start in range(0, len(store), _HASH_ROWS):
         digest.update(np.ascontiguousarray(store.array[store.rows[start : start + _HASH_ROWS]]).tobytes())
@@ -83,7 +85,7 @@ def cache_key(model: nn.Module, store: ImageStore, *, amp: bool) -> str:
 
 
 @torch.no_grad()
-def compute_features(model: nn.Module, store: ImageStore, device: torch.device, *, batch_size: int, amp: bool) -> np.ndarray:
+def compute_features(model: MitotypeModel, store: ImageStore, device: torch.device, *, batch_size: int, amp: bool) -> np.ndarray:
     """(N, D) float32 features (``model.embed``) of every row of ``store``, in order."""
     was_training = model.training
     model.eval()

@@ -14,17 +14,19 @@ import random
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 import torch
+from rich.progress import Progress, TaskID
 from timm.utils import ModelEmaV3
 
 from mitotype._io import atomic_path, write_csv
 from mitotype.config import Config, fixed_threshold, record_config, resolve_device, validate_config
-from mitotype.data.images import ImageStore
+from mitotype.data.images import BatchSource, ImageStore
 from mitotype.evaluation.metrics import best_threshold, binary_metrics
 from mitotype.errors import MitotypeError
 from mitotype.models.artifact import CARD_NAME, save_model
@@ -132,7 +134,7 @@ def fit(
     targets_all = head_targets(manifest, {h.name: h for h in cfg.model.heads})  # checked before any work
     require_targets(targets_all, {h.name: h for h in cfg.model.heads}, train_idx)
     model = create_model(cfg.model).to(device)
-    store = feature_view(cfg, model, store, cache_dir=feature_dir or run_dir / "features", device=device)
+    source = feature_view(cfg, model, store, cache_dir=feature_dir or run_dir / "features", device=device)  # pixels or cached features
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
@@ -157,15 +159,14 @@ def fit(
             order = train_idx[epoch_order(labels[train_idx], t.sampler, state.sample_gen)]
             task = progress.add_task(f"epoch {epoch + 1}/{t.epochs}", total=len(order), loss="")
             tic = time.perf_counter()
-            loss_sum = _train_epoch(cfg, model, store, order, targets_all, criterion, optimizer, scheduler, ema,
-                                    lambda x: augment(x, state.augment_gen), device,
-                                    lambda done, text, task=task: progress.update(task, completed=done, loss=text))
+            loss_sum = _train_epoch(cfg, model, source, order, targets_all, criterion, optimizer, scheduler, ema,
+                                    lambda x: augment(x, state.augment_gen), device, partial(_report, progress, task))
             if not math.isfinite(loss_sum):  # never checkpoint or save a diverged model
                 raise MitotypeError(f"{run_dir}: training diverged in epoch {epoch + 1} (loss {loss_sum}); lower train.lr")
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, "lr": optimizer.param_groups[1]["lr"],
                                       "train_seconds": time.perf_counter() - tic}
-            if has_val:
-                _validate(cfg, scored, store, labels, val_idx, device, record, state, epoch)
+            if has_val and val_idx is not None:  # has_val implies it
+                _validate(cfg, scored, source, labels, val_idx, device, record, state, epoch)
             state.history.append(record)
             progress.update(task, description=f"epoch {epoch + 1}/{t.epochs}", loss=_describe(record))
             _checkpoint(ckpt_path, epoch, state, model, optimizer, scheduler, ema, device)
@@ -174,10 +175,12 @@ def fit(
             if on_epoch is not None:
                 on_epoch(epoch + 1, t.epochs)
 
-    if state.best_state is not None or ema is not None:  # the best validated weights, else the average
-        model.load_saved_state_dict(state.best_state if state.best_state is not None else ema.module.saved_state_dict())
+    if state.best_state is not None:  # the best validated weights, else the average
+        model.load_saved_state_dict(state.best_state)
+    elif ema is not None:
+        model.load_saved_state_dict(ema.module.saved_state_dict())
     write_csv(run_dir / "history.csv", pd.DataFrame(state.history))
-    return _finish(cfg, manifest, store, run_dir, model, state.history, train_idx, val_idx, device, time.perf_counter() - started)
+    return _finish(cfg, manifest, source, run_dir, model, state.history, train_idx, val_idx, device, time.perf_counter() - started)
 
 
 def _restore(path: Path, state: _State, model: MitotypeModel, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -198,7 +201,7 @@ def _restore(path: Path, state: _State, model: MitotypeModel, optimizer: torch.o
         ema.module.load_saved_state_dict(saved["ema"])
 
 
-def _train_epoch(cfg: Config, model: MitotypeModel, store: ImageStore, order: np.ndarray, targets_all: dict[str, torch.Tensor],
+def _train_epoch(cfg: Config, model: MitotypeModel, store: BatchSource, order: np.ndarray, targets_all: dict[str, torch.Tensor],
                  criterion: HeadLoss, optimizer: torch.optim.Optimizer, scheduler: Any, ema: ModelEmaV3 | None,
                  transform: Callable[[torch.Tensor], torch.Tensor], device: torch.device, report: Callable[[int, str], None]) -> float:
     """One pass over ``order``: forward, loss, backward, clip, step, schedule, average; the summed step loss."""
@@ -227,7 +230,12 @@ def _train_epoch(cfg: Config, model: MitotypeModel, store: ImageStore, order: np
     return float(loss_sum.item())
 
 
-def _validate(cfg: Config, scored: MitotypeModel, store: ImageStore, labels: np.ndarray, val_idx: np.ndarray, device: torch.device,
+def _report(progress: Progress, task: TaskID, done: int, text: str) -> None:
+    """An epoch's progress: patches done and the running loss."""
+    progress.update(task, completed=done, loss=text)
+
+
+def _validate(cfg: Config, scored: MitotypeModel, store: BatchSource, labels: np.ndarray, val_idx: np.ndarray, device: torch.device,
               record: dict[str, Any], state: _State, epoch: int) -> None:
     """Score the validation rows into ``record``; keep the weights of the best balanced accuracy so far."""
     t = cfg.train

@@ -3,6 +3,8 @@ by the head's ``weight``; rows whose target is missing (-1) are left out of that
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import pandas as pd
 import torch
@@ -104,7 +106,7 @@ class HeadLoss(nn.Module):
 
     def forward(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
         # zero, but attached to the graph: a batch where no head has a target still backpropagates (nothing)
-        total = sum(o.sum() * 0.0 for o in outputs.values())
+        total = cast(torch.Tensor, sum(o.sum() * 0.0 for o in outputs.values()))  # a Tensor: a model has at least one head
         for name, head in self.heads.items():
             target = targets[head.target]
             known = target != MISSING

@@ -246,7 +246,7 @@ class BatchAugment(torch.nn.Module):
                 x, par["stain_a"] * _LOG2E, par["m"] * gain[:, None, :], par["v"], par["coef"], mean_gain
             )
             flat = torch.bmm(a2, z, out=scratch).exp2_()  # the stained image is gain * flat
-            spare = z  # a full-size buffer of ours, free again: the output goes there
+            spare: torch.Tensor | None = z  # a full-size buffer of ours, free again: the output goes there
         else:
             m, v, coef, mean_w = _to(x, par["m"], par["v"], par["coef"], np.broadcast_to(_LUMA, (x.shape[0], 3)))
             # bmm cannot work in place; on CPU go through scratch rather than a fresh tensor

@@ -109,7 +109,7 @@ def parse_param(text: str) -> Param:
         low, high = (float(b) for b in bounds) if len(bounds) == 2 else (None, None)
     except ValueError:
         low = high = None
-    if low is None or not (np.isfinite(low) and np.isfinite(high)):
+    if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
         raise _bad(text, f"{kind} needs two numbers, {kind}:LO:HI")
     if not low < high:
         raise _bad(text, f"LO {bounds[0]} must be below HI {bounds[1]}")
