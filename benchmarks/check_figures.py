@@ -10,11 +10,11 @@ saved result, rounded as printed. A pattern that no longer matches exactly once 
 the sentence was rewritten, and its row here must follow it.
 
 Saved results: the bundled model's ``bundle.json`` (its 5-fold CV: mean and sd over folds, pooled
-out-of-fold, per fold, the data's size; the bundle's bytes). Not checked, for want of a saved
-result in the repository: the bootstrap interval of the pooled figure and the per-source figures
-(they need the out-of-fold predictions, which stay in the run folder), the earlier experiments'
-and the speed runs' figures. No run summary is committed under ``benchmarks/results/`` yet; one
-that is can get rows here the same way.
+out-of-fold, per fold, the data's size; the bundle's bytes) and the ``summary.json`` of each run
+committed under ``benchmarks/results/NAME/`` (``bundle-oof``: the bundle's fold models re-scored
+on their own held-out folds, per source; ``fast-by-default``: the first command before / after).
+Not checked, for want of a saved result: the bootstrap interval of the pooled figure and the
+earlier experiments' figures (their runs were lost with their machines).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,14 @@ FIGURES = (
            lambda b: (*mean_sd("balanced_accuracy")(b), *mean_sd("roc_auc")(b), *pooled(b))),
     Figure("bundle size", "results", r"its `bundle.json` carries the CV figures\): (\S+) MiB in all",
            lambda b: (f"{b['bytes'] / 2**20:.1f}",)),
+    Figure("bundled model by source, out of fold (benchmarks/results/bundle-oof)", "readme",
+           r"by source in those predictions MIDOG21 (\S+) / (\S+), TUPAC16 (\S+) / (\S+) \(",
+           lambda b: tuple(f3(b["_results"]["bundle-oof"]["per_source"][s]["at_0.5"][m])
+                           for s in ("MIDOG21", "TUPAC16") for m in ("balanced_accuracy", "roc_auc"))),
+    Figure("default predict vs the old torch path (benchmarks/results/fast-by-default)", "readme",
+           r"default `predict` is \*\*(\S+)x\*\* \((\S+)-(\S+) over 3 rounds\)",
+           lambda b: tuple(f"{b['_results']['fast-by-default']['sides']['default'][k]:.2f}"
+                           for k in ("speedup_vs_before_median", "speedup_min", "speedup_max"))),
 )
 
 
@@ -106,7 +115,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     ap.add_argument("--bundle", type=Path, default=ROOT / "src" / "mitotype" / "bundled" / "bundle.json")
     args = ap.parse_args(argv)
     docs = {"readme": (args.readme.name, args.readme.read_text()), "results": (args.results.name, args.results.read_text())}
-    problems = check(docs, json.loads(args.bundle.read_text()))
+    bundle = json.loads(args.bundle.read_text())
+    bundle["_results"] = {p.parent.name: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*/summary.json"))}  # committed runs
+    problems = check(docs, bundle)
     for line in problems:
         print(f"DRIFT {line}")
     print(f"{len(FIGURES)} figures checked against {args.bundle.name}: " + (f"{len(problems)} drifted" if problems else "all agree"))

@@ -26,7 +26,7 @@ declare -A TESTS_FOR=(
   [data/splits]="tests/test_splits.py tests/test_data.py"
   [training/loop]="tests/test_training.py tests/test_runs.py tests/test_heads.py tests/test_foundation.py"
   [workflows/runs]="tests/test_runs.py tests/test_training.py tests/test_domains.py tests/test_tune_compare.py tests/test_bad_input.py tests/test_cli.py tests/test_data.py"
-  [inference/engine]="tests/test_inference.py"
+  [models/ensemble]="tests/test_ensemble.py tests/test_inference.py"
   [models/registry]="tests/test_models.py tests/test_inference.py tests/test_heads.py"
   [transforms/augment]="tests/test_transforms.py tests/test_inference.py tests/test_augment_contract.py"
 )

@@ -14,7 +14,7 @@ from mitotype.models.registry import create_model
 CPU = torch.device("cpu")
 
 
-def predict_batch(nets, u8: torch.Tensor, device: torch.device, tta: bool = False, amp: bool = False) -> torch.Tensor:
+def ensemble_p(nets, u8: torch.Tensor, device: torch.device, tta: bool = False, amp: bool = False) -> torch.Tensor:
     """The ensemble's p_atypical as a tensor, to compare with torch.allclose."""
     return torch.from_numpy(Ensemble(nets, device=device, amp=amp).p_atypical(u8, tta))
 
@@ -48,10 +48,10 @@ def test_ensemble_is_the_mean_of_its_members() -> None:
     a = Probe(lambda img: 6 * img.mean(dim=(1, 2, 3)) - 3)
     b = Probe(lambda img: 4 - 8 * img[:, 1, 2, 3])
     pa, pb = torch.sigmoid(6 * x.mean(dim=(1, 2, 3)) - 3), torch.sigmoid(4 - 8 * x[:, 1, 2, 3])
-    assert torch.allclose(predict_batch([a], u8, CPU), pa, atol=1e-6)
-    assert torch.allclose(predict_batch([b], u8, CPU), pb, atol=1e-6)
-    assert torch.allclose(predict_batch([a, b], u8, CPU), (pa + pb) / 2, atol=1e-6)
-    assert torch.allclose(predict_batch([a, b, b], u8, CPU), (pa + 2 * pb) / 3, atol=1e-6)
+    assert torch.allclose(ensemble_p([a], u8, CPU), pa, atol=1e-6)
+    assert torch.allclose(ensemble_p([b], u8, CPU), pb, atol=1e-6)
+    assert torch.allclose(ensemble_p([a, b], u8, CPU), (pa + pb) / 2, atol=1e-6)
+    assert torch.allclose(ensemble_p([a, b, b], u8, CPU), (pa + 2 * pb) / 3, atol=1e-6)
     assert (pa - pb).abs().min() > 0.05  # the members differ, so the mean is a real test
 
 
@@ -61,12 +61,12 @@ def test_tta_averages_the_eight_dihedral_views() -> None:
     x = _float(u8)
     probe = Probe(lambda img: 10 * (img[:, 0, 0, 0] - 0.5))
     corners = torch.stack([x[:, 0, 0, 0], x[:, 0, 0, -1], x[:, 0, -1, 0], x[:, 0, -1, -1]], dim=1)
-    assert torch.allclose(predict_batch([probe], u8, CPU), torch.sigmoid(10 * (corners[:, 0] - 0.5)), atol=1e-6)
+    assert torch.allclose(ensemble_p([probe], u8, CPU), torch.sigmoid(10 * (corners[:, 0] - 0.5)), atol=1e-6)
     want = torch.sigmoid(10 * (corners - 0.5)).mean(dim=1)
-    assert torch.allclose(predict_batch([probe], u8, CPU, tta=True), want, atol=1e-6)
+    assert torch.allclose(ensemble_p([probe], u8, CPU, tta=True), want, atol=1e-6)
     other = Probe(lambda img: 3 * (img[:, 2, 1, 0] - img[:, 1, 0, 0]))  # ensemble and TTA together: mean over both
-    both = predict_batch([probe, other], u8, CPU, tta=True)
-    assert torch.allclose(both, (want + predict_batch([other], u8, CPU, tta=True)) / 2, atol=1e-6)
+    both = ensemble_p([probe, other], u8, CPU, tta=True)
+    assert torch.allclose(both, (want + ensemble_p([other], u8, CPU, tta=True)) / 2, atol=1e-6)
 
 
 def test_tta_output_is_invariant_under_flips_and_rotations_of_the_input() -> None:
@@ -76,11 +76,11 @@ def test_tta_output_is_invariant_under_flips_and_rotations_of_the_input() -> Non
         for head in model.heads.values():
             head.weight.mul_(50)  # spread the outputs so that orientation visibly matters without TTA
     u8 = _images(6, 32, seed=1)
-    plain, tta = predict_batch([model], u8, CPU), predict_batch([model], u8, CPU, tta=True)
+    plain, tta = ensemble_p([model], u8, CPU), ensemble_p([model], u8, CPU, tta=True)
     for name, moved in (("hflip", u8.flip(2)), ("vflip", u8.flip(1)), ("rot90", torch.rot90(u8, 1, dims=(1, 2))),
                         ("transpose", u8.transpose(1, 2))):
-        assert torch.allclose(predict_batch([model], moved, CPU, tta=True), tta, atol=1e-5), name
-        assert (predict_batch([model], moved, CPU) - plain).abs().max() > 1e-3, name  # without TTA it does change
+        assert torch.allclose(ensemble_p([model], moved, CPU, tta=True), tta, atol=1e-5), name
+        assert (ensemble_p([model], moved, CPU) - plain).abs().max() > 1e-3, name  # without TTA it does change
     assert (tta - plain).abs().max() > 1e-3
 
 
@@ -95,8 +95,8 @@ def test_mixed_precision_is_cuda_only_and_results_come_back_on_the_cpu() -> None
     torch.manual_seed(0)
     model = create_model(ModelConfig(backbone="test_efficientnet", pretrained="none", input_size=32)).eval()
     u8 = _images(4, 32)
-    plain = predict_batch([model], u8, CPU)
-    assert torch.equal(predict_batch([model], u8, CPU, amp=True), plain)  # no bfloat16 autocast on the CPU
+    plain = ensemble_p([model], u8, CPU)
+    assert torch.equal(ensemble_p([model], u8, CPU, amp=True), plain)  # no bfloat16 autocast on the CPU
     assert plain.device.type == "cpu" and plain.dtype == torch.float32 and plain.shape == (4,)
 
 

@@ -4,7 +4,7 @@ The exported graph (:mod:`mitotype.inference.graph`) takes what the streaming re
 model's patch size with any batch size, and returns ``p_atypical`` (B,): the /255, centre crop,
 resize and normalisation live inside it, so a user of the file needs nothing else. A fold-ensemble
 run directory exports as ONE graph that averages its folds (one file to ship and one session to
-run; the fold mean is exact, as in ``predict_batch``). TTA stays outside the graph (the backend
+run; the fold mean is exact, as the ``Ensemble`` computes it). TTA stays outside the graph (the backend
 runs the 8 dihedral views), so one file serves both.
 
 An export is checked before it is written: the ONNX file's probabilities must equal PyTorch's to
