@@ -310,6 +310,19 @@ def test_resume_after_interruption_gives_the_uninterrupted_file(tmp_path: Path, 
     assert out["note"].tolist() == rows.sample(frac=1, random_state=0)["note"].tolist()  # input order kept
 
 
+def test_predict_points_still_runs_and_names_the_points_command(tmp_path: Path, tiny_model: Path) -> None:
+    csv, mitdet, _ = write_three_formats(tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    common = ["--model", str(tiny_model), "--threshold", "0.01", "--device", "cpu", "--backend", "torch"]
+    old = subprocess.run([sys.executable, "-m", "mitotype", "predict", "--points", str(csv), "--images", str(mitdet / "png"), *common,
+                          "--out", str(tmp_path / "old.csv")], capture_output=True, text=True, env=env, timeout=300)
+    new = subprocess.run([sys.executable, "-m", "mitotype", "points", str(csv), "--images", str(mitdet / "png"), *common,
+                          "--out", str(tmp_path / "new.csv")], capture_output=True, text=True, env=env, timeout=300)
+    assert old.returncode == 0 and new.returncode == 0, old.stderr + new.stderr
+    assert "warning: predict --points is now its own command: mitotype points" in old.stderr
+    assert (tmp_path / "old.csv").read_bytes() == (tmp_path / "new.csv").read_bytes()
+
+
 def test_cli_predict_points_end_to_end(tmp_path: Path, tiny_model: Path) -> None:
     csv, mitdet, coco = write_three_formats(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
@@ -327,7 +340,9 @@ def test_cli_predict_points_end_to_end(tmp_path: Path, tiny_model: Path) -> None
 @pytest.mark.parametrize("args, message", [
     (["points", "{bad}"], "bad.csv row 2: y 'oops' is not a number"),
     (["points", "{bad}", "--slide-mpp", "0"], "--slide-mpp 0.0: expected microns per pixel in (0, 100)"),
-    (["predict", "--points", "{bad}"], "--points: classifying points is its own command now: mitotype points"),
+    (["predict", "--points", "{bad}"], "bad.csv row 2: y 'oops' is not a number"),  # the old form still runs
+    (["predict", "{bad}", "--points", "{bad}"], "give INPUT"),
+    (["predict", "--points", "{bad}", "--skip-bad"], "--skip-bad: not used with --points"),
     (["predict"], "predict: give INPUT (a folder or manifest of patches); for points use `mitotype points`"),
     (["points", "{bad}", "--skip-bad"], "No such option: --skip-bad"),
     (["predict", "{bad}", "--resume"], "No such option: --resume"),

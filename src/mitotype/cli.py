@@ -218,14 +218,24 @@ def predict(
     skip_bad: bool = SkipBadOpt,
     backend: BackendName = BackendOpt,
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="With a graph backend: a file from `mitotype export` of this model."),
-    points: Optional[Path] = typer.Option(None, "--points", help="Moved: use `mitotype points POINTS` (still accepted here)."),
+    points: Optional[Path] = typer.Option(None, "--points", help="Moved to `mitotype points POINTS` (still run from here, with a warning)."),
+    images: Optional[Path] = typer.Option(None, "--images", hidden=True, help="With --points: folder the image names resolve in."),
 ) -> None:
     """Write path, p_atypical, label (+ every input column) for each patch (points: `mitotype points`)."""
     from mitotype.inference.predict import predict_path, report_html_path, skipped_csv_path
 
-    if points is not None:
-        raise MitotypeError(f"--points: classifying points is its own command now: mitotype points {points} --out {out_csv} "
-                            "[--images DIR] [--model M] ...")
+    if points is not None:  # the old form keeps working and names the new command
+        if inputs is not None:
+            raise MitotypeError(f"predict: give INPUT ({inputs}) or --points ({points}), not both")
+        used = [flag for flag, value in (("--size-policy", size_policy), ("--skip-bad", skip_bad), ("--onnx", onnx)) if value]
+        if used:
+            raise MitotypeError(f"{used[0]}: not used with --points")
+        warnings.warn(f"predict --points is now its own command: mitotype points {points} --out {out_csv} ... "
+                      "(there also --resume, --mpp, --slide-mpp, --summary-csv, --bbox-format)", stacklevel=1)
+        return points_cmd(points, out_csv, images=images, model=model, tta=tta, threshold=threshold, resume=False, mpp=None, slide_mpp=None,
+                          summary_csv=None, skip_missing=skip_missing, bbox_format=BBoxFormat.auto, device=device, backend=backend)
+    if images is not None:
+        raise MitotypeError("--images: only used with --points (mitotype points)")
     if inputs is None:
         raise MitotypeError("predict: give INPUT (a folder or manifest of patches); for points use `mitotype points`")
     with _progress() as advance:
