@@ -1,0 +1,112 @@
+"""Detection metrics as the MIDOG challenges define them: a detection is a point, matched to the
+truth one-to-one within 7.5 µm; F1 = 2 TP / (2 TP + FP + FN), pooled over images.
+
+Matching is greedy by descending score: each detection, best first, takes the nearest true figure
+of its image that is still unmatched and lies within the radius; a detection that finds none is a
+false positive, a true figure left unmatched a false negative. Pure functions of tables, so the
+detector's evaluation command, the benchmarks and the tests share them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy.spatial import cKDTree
+
+from mitotype.errors import MitotypeError
+
+MATCH_RADIUS_UM = 7.5  # MIDOG 2021/2022: 30 px at 0.25 µm/px
+
+
+@dataclass(frozen=True)
+class Counts:
+    tp: int
+    fp: int
+    fn: int
+
+    @property
+    def precision(self) -> float:
+        return self.tp / (self.tp + self.fp) if self.tp + self.fp else float("nan")
+
+    @property
+    def recall(self) -> float:
+        return self.tp / (self.tp + self.fn) if self.tp + self.fn else float("nan")
+
+    @property
+    def f1(self) -> float:
+        return 2 * self.tp / (2 * self.tp + self.fp + self.fn) if self.tp + self.fp + self.fn else float("nan")
+
+    def as_dict(self) -> dict[str, float]:
+        return {"tp": self.tp, "fp": self.fp, "fn": self.fn, "precision": self.precision, "recall": self.recall, "f1": self.f1}
+
+
+def _check(table: pd.DataFrame, name: str, columns: tuple[str, ...]) -> None:
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise MitotypeError(f"{name}: column(s) {', '.join(missing)} missing (expected {', '.join(columns)})")
+    for c in columns[1:]:
+        values = pd.to_numeric(table[c], errors="coerce")
+        if values.isna().any() or not np.isfinite(values).all():
+            row = int(np.flatnonzero(values.isna().to_numpy() | ~np.isfinite(values.to_numpy()))[0])
+            raise MitotypeError(f"{name} row {row + 2}: {c} {table[c].iloc[row]!r} is not a finite number")
+
+
+def match_image(det_xy: np.ndarray, scores: np.ndarray, true_xy: np.ndarray, radius_px: float) -> np.ndarray:
+    """For one image: the index of the true figure each detection matched, or -1 (greedy, best score first)."""
+    matched = np.full(len(det_xy), -1)
+    if not len(det_xy) or not len(true_xy):
+        return matched
+    tree, taken = cKDTree(true_xy), np.zeros(len(true_xy), bool)
+    for i in np.argsort(-scores, kind="stable"):
+        near = tree.query_ball_point(det_xy[i], radius_px)
+        free = [j for j in near if not taken[j]]
+        if free:
+            j = min(free, key=lambda k: float(np.hypot(*(true_xy[k] - det_xy[i]))))
+            taken[j], matched[i] = True, j
+    return matched
+
+
+def match_detections(detections: pd.DataFrame, truth: pd.DataFrame, *, radius_px: float) -> pd.DataFrame:
+    """``detections`` (image, x, y, score) with a ``match`` column: the matched truth row, or -1."""
+    _check(detections, "detections", ("image", "x", "y", "score"))
+    _check(truth, "truth", ("image", "x", "y"))
+    if not (np.isfinite(radius_px) and radius_px > 0):
+        raise MitotypeError(f"radius {radius_px} px: must be a positive number")
+    out = detections.reset_index(drop=True).assign(match=-1)
+    truth = truth.reset_index(drop=True)
+    for image, rows in out.groupby("image", sort=False).indices.items():
+        true_rows = np.flatnonzero(truth["image"].to_numpy() == image)
+        local = match_image(out.loc[rows, ["x", "y"]].to_numpy(float), out.loc[rows, "score"].to_numpy(float),
+                            truth.loc[true_rows, ["x", "y"]].to_numpy(float), radius_px)
+        out.loc[rows, "match"] = np.where(local >= 0, true_rows[np.maximum(local, 0)], -1)
+    return out
+
+
+def detection_counts(detections: pd.DataFrame, truth: pd.DataFrame, *, radius_px: float, threshold: float = 0.0) -> dict:
+    """Pooled and per-image TP / FP / FN, precision, recall and F1 of the detections scoring at
+    least ``threshold`` (matching is redone at that threshold, as a detector run there would)."""
+    kept = detections[pd.to_numeric(detections["score"]) >= threshold] if len(detections) else detections
+    matched = match_detections(kept, truth, radius_px=radius_px)
+    images = list(dict.fromkeys([*truth["image"].tolist(), *detections["image"].tolist()]))
+    per_image = {}
+    for image in images:
+        mine = matched[matched["image"] == image]
+        tp = int((mine["match"] >= 0).sum())
+        per_image[str(image)] = Counts(tp, len(mine) - tp, int((truth["image"] == image).sum()) - tp)
+    pooled = Counts(*(sum(getattr(c, k) for c in per_image.values()) for k in ("tp", "fp", "fn")))
+    return {"threshold": threshold, "pooled": pooled.as_dict(), "per_image": {k: v.as_dict() for k, v in per_image.items()}}
+
+
+def best_f1_threshold(detections: pd.DataFrame, truth: pd.DataFrame, *, radius_px: float) -> tuple[float, dict]:
+    """The score threshold that maximises pooled F1 (ties: the lowest), and the counts there."""
+    candidates = np.unique(pd.to_numeric(detections["score"]).to_numpy(float)) if len(detections) else np.array([0.0])
+    best: tuple[float, dict] | None = None
+    for t in candidates:
+        got = detection_counts(detections, truth, radius_px=radius_px, threshold=float(t))
+        f1 = got["pooled"]["f1"]
+        if best is None or (np.isfinite(f1) and (not np.isfinite(best[1]["pooled"]["f1"]) or f1 > best[1]["pooled"]["f1"])):
+            best = (float(t), got)
+    assert best is not None
+    return best
