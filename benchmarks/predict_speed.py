@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> list[Timed]:
         tmp = Path(tmp_name)
         if args.model is None:
             cfg = load_config(args.recipe, ["model.pretrained=none"] + args.set)
-            save_model(create_model(cfg.model), cfg, tmp / "model", 0.5, {}, {})
+            save_model(create_model(cfg.model), cfg, tmp / "model", threshold=0.5, trained_on={}, metrics={})
             model_text = f"untrained {cfg.recipe} ({cfg.model.backbone} @ {cfg.model.input_size} px)"
         models = Ensemble.load(args.model or tmp / "model", device="cpu")
         if args.model is not None:

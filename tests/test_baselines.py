@@ -238,7 +238,7 @@ def test_ce_and_focal_take_a_one_logit_head_as_the_two_class_head_zero_z() -> No
     pt = torch.where(y == 1, p, 1 - p)
     alpha = torch.where(y == 1, 0.75, 0.25)
     assert torch.allclose(focal, (-alpha * (1 - pt) ** 2 * torch.log(pt)).mean())
-    assert torch.allclose(focal, focal_loss(two, y, 0.75, 2.0, [1]))
+    assert torch.allclose(focal, focal_loss(two, y, alpha=0.75, gamma=2.0, positive=[1]))
 
 
 def test_one_logit_heads_are_checked_and_survive_the_card_export_and_explain(tmp_path: Path) -> None:

@@ -172,7 +172,7 @@ def test_builders_round_trip_through_save_and_load(arch: str, options: dict, tmp
         if isinstance(module, NonLocalBlock):
             torch.nn.init.normal_(module.out.weight)
     model = model.eval().to(memory_format=torch.channels_last)  # as load_model returns it: same kernels, same numbers
-    save_model(model, cfg, tmp_path / "m", 0.5, {}, {})
+    save_model(model, cfg, tmp_path / "m", threshold=0.5, trained_on={}, metrics={})
     loaded = load_model(tmp_path / "m").model
     assert type(loaded) is type(model)
     x = {"image": torch.rand(3, 3, PATCH, PATCH)}

@@ -72,7 +72,7 @@ def test_focal_alpha_weights_the_positive_classes_of_a_four_class_head() -> None
     p = F.softmax(logits, dim=1)[torch.arange(6), target]
     alpha = torch.where(target >= 2, 0.8, 0.2)
     want = (-alpha * (1 - p) ** 2 * p.log()).mean()
-    assert focal_loss(logits, target, 0.8, 2.0, positive=[2, 3]).item() == pytest.approx(want.item(), rel=1e-6)
+    assert focal_loss(logits, target, alpha=0.8, gamma=2.0, positive=[2, 3]).item() == pytest.approx(want.item(), rel=1e-6)
 
 
 def test_p_atypical_averages_the_positive_classes_of_the_reduce_heads() -> None:

@@ -49,19 +49,19 @@ def _weighted_ce_reference(logits, target, weight) -> float:
 @pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (0.8, 0.0), (0.5, 1.5)])
 def test_focal_loss_matches_the_reference_formula_for_both_classes(alpha: float, gamma: float) -> None:
     logits, target = torch.tensor(LOGITS), torch.tensor(TARGET)
-    assert focal_loss(logits, target, alpha, gamma).item() == pytest.approx(_focal_reference(LOGITS, TARGET, alpha, gamma), rel=1e-5, abs=1e-7)
+    assert focal_loss(logits, target, alpha=alpha, gamma=gamma).item() == pytest.approx(_focal_reference(LOGITS, TARGET, alpha, gamma), rel=1e-5, abs=1e-7)
     for i in range(len(TARGET)):  # row by row: alpha on atypical rows, 1 - alpha on normal ones
-        one = focal_loss(logits[i : i + 1], target[i : i + 1], alpha, gamma).item()
+        one = focal_loss(logits[i : i + 1], target[i : i + 1], alpha=alpha, gamma=gamma).item()
         assert one == pytest.approx(_focal_reference(LOGITS[i : i + 1], TARGET[i : i + 1], alpha, gamma), rel=1e-5, abs=1e-7), i
     four = [[0.3, -0.2, 1.1, 0.4], [2.0, 0.0, -1.0, 0.5], [-0.5, 0.2, 0.1, 1.7]]
-    got = focal_loss(torch.tensor(four), torch.tensor([3, 0, 2]), alpha, gamma, positive=[2, 3]).item()
+    got = focal_loss(torch.tensor(four), torch.tensor([3, 0, 2]), alpha=alpha, gamma=gamma, positive=[2, 3]).item()
     assert got == pytest.approx(_focal_reference(four, [3, 0, 2], alpha, gamma, positive=(2, 3)), rel=1e-5, abs=1e-7)
 
 
 def test_focal_loss_downweights_easy_patches() -> None:
     easy, hard = torch.tensor([[-3.0, 3.0]]), torch.tensor([[0.1, 0.3]])
     one = torch.tensor([1])
-    ratio = lambda x: focal_loss(x, one, 0.5, 2.0) / focal_loss(x, one, 0.5, 0.0)  # noqa: E731
+    ratio = lambda x: focal_loss(x, one, alpha=0.5, gamma=2.0) / focal_loss(x, one, alpha=0.5, gamma=0.0)  # noqa: E731
     assert ratio(easy) < ratio(hard) < 1
 
 
@@ -533,3 +533,22 @@ def test_a_model_that_trains_its_backbone_reads_pixels_even_with_augmentation_of
     assert not model.frozen_backbone  # its features change every step: caching them would train on stale features
     assert feature_view(cfg, model, ds.store, cache_dir=tmp_path / "features", device=torch.device("cpu")) is ds.store
     assert not (tmp_path / "features").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lr", -1.0, "config train.lr: -1.0 is out of range"),
+    ("threshold", 1.5, "config train.threshold: 1.5 must be in (0, 1)"),
+    ("sampler", "weighted", "config train.sampler: 'weighted' is not one of balanced, shuffle"),
+])
+def test_a_config_built_in_python_is_validated_before_any_training(amibr: Path, tiny: list[str], tmp_path: Path,
+                                                                  field: str, value: object, message: str) -> None:
+    """fit, train and cross_validate check the config they are given, not only what load_config read."""
+    cfg, ds = _data(amibr, tiny)
+    setattr(cfg.train, field, value)
+    rows = np.arange(len(ds.manifest))
+    for run, out in ((lambda: fit(cfg, ds.manifest, ds.store, tmp_path / "f", train_idx=rows, show_progress=False), "f"),
+                     (lambda: train(cfg, ds, tmp_path / "t", show_progress=False), "t"),
+                     (lambda: cross_validate(cfg, ds, folds=2, out=tmp_path / "c", show_progress=False), "c")):
+        with pytest.raises(MitotypeError) as err:
+            run()
+        assert str(err.value).startswith(message) and not (tmp_path / out / "checkpoints").exists()

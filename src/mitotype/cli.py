@@ -65,7 +65,7 @@ def data_inspect(
     """Counts per class, group and domain, and every problem found."""
     from mitotype.data.inspect import class_counts, domain_counts, group_counts, inspect_dataset
 
-    result = inspect_dataset(_existing(path, "dataset"), skip_missing, decode, patch_size)
+    result = inspect_dataset(_existing(path, "dataset"), skip_missing=skip_missing, decode=decode, patch_size=patch_size)
     df = result.manifest
     out.print(f"[bold]{path}[/bold]: {result.layout}, {len(df)} patches, {df['group'].nunique()} groups")
     out.print(_table(("class", "patches", "groups", "hard (experts disagree)"), class_counts(df)))

@@ -40,8 +40,8 @@ def load_dataset(path: str | Path, cfg: Config, *, skip_missing: bool = False, s
     for problem in read.problems:  # e.g. no slide information: the user must hear it before training
         warnings.warn(problem, stacklevel=2)
     require_labels(read.manifest, str(path))
-    store, bad = decode_all(read.manifest["path"].tolist(), cfg.data.patch_size, cfg.data.size_policy, cfg.data.on_bad_image, cfg.data.cache_dir,
-                            skipped_note=skipped_note)
+    store, bad = decode_all(read.manifest["path"].tolist(), cfg.data.patch_size, cfg.data.size_policy, on_bad_image=cfg.data.on_bad_image,
+                            cache_dir=cfg.data.cache_dir, skipped_note=skipped_note)
     manifest = read.manifest.iloc[store.rows].reset_index(drop=True)
     skipped = None
     if bad:

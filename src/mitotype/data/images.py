@@ -175,9 +175,9 @@ def decode_all(
     paths: Sequence[str],
     patch_size: int,
     size_policy: str = "error",
+    *,
     on_bad_image: str = "error",
     cache_dir: str | Path | None = None,
-    *,
     threads: int | None = None,
     skipped_note: str = "",
 ) -> tuple[ImageStore, list[str]]:
@@ -246,8 +246,8 @@ def _cache_path(paths: Sequence[str], patch_size: int, size_policy: str, cache_d
 
 
 def iter_batches(
-    paths: Sequence[str], batch_size: int, patch_size: int, size_policy: str = "error", prefetch: int = 2, on_bad_image: str = "error",
-    *, threads: int | None = None, skipped: list[tuple[str, str]] | None = None, skipped_note: str = "",
+    paths: Sequence[str], batch_size: int, patch_size: int, size_policy: str = "error", *, prefetch: int = 2, on_bad_image: str = "error",
+    threads: int | None = None, skipped: list[tuple[str, str]] | None = None, skipped_note: str = "",
 ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """Stream (positions, uint8 batch) over any number of images with flat memory: a thread pool
     decodes the next ``prefetch`` batches while the caller runs the model on this one. With

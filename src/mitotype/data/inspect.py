@@ -10,7 +10,7 @@ from mitotype.data.images import find_bad_images
 from mitotype.data.readers import ReadResult, read_dataset
 
 
-def inspect_dataset(path: Path, skip_missing: bool = False, decode: bool = True, patch_size: int = 128, size_policy: str = "error") -> ReadResult:
+def inspect_dataset(path: Path, *, skip_missing: bool = False, decode: bool = True, patch_size: int = 128, size_policy: str = "error") -> ReadResult:
     """Read the dataset and, with ``decode``, try every image: all problems are collected, none raised."""
     result = read_dataset(path, require_labels=False, skip_missing=skip_missing)
     if decode and len(result.manifest):

@@ -243,6 +243,7 @@ def bootstrap_intervals(
     y_true: np.ndarray,
     p_atypical: np.ndarray,
     threshold: float = 0.5,
+    *,
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,

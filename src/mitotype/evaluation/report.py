@@ -64,6 +64,7 @@ def evaluate_predictions(df: pd.DataFrame, threshold: float = 0.5, n_boot: int =
 def write_evaluation(
     df: pd.DataFrame,
     out_dir: Path,
+    *,
     threshold: float = 0.5,
     n_boot: int = 1000,
     seed: int = 0,

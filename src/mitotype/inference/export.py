@@ -74,7 +74,7 @@ def export_model(
             card["check"] = {"max_abs_diff_vs_torch": diff, "tolerance": TOLERANCE, "inputs": CHECK_INPUTS}
             if int8:
                 assert check_data is not None  # refused above: int8 needs check_data
-                made, card["int8"] = int8_export(made, ensemble, tmp, Path(check_data), Path(calib_data or check_data), calib_n=calib_n,
+                made, card["int8"] = int8_export(made, ensemble, tmp, check_data=Path(check_data), calib_data=Path(calib_data or check_data), calib_n=calib_n,
                                                  batch_size=batch_size, progress=progress, out=out)
         card["sha256"] = file_hash(made)
         with atomic_path(out) as target:

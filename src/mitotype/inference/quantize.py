@@ -135,7 +135,7 @@ def int8_gate(fp32_bacc: float, int8_bacc: float, out: Path | None = None) -> di
 
 
 def int8_export(
-    fp32: Path, ensemble: Ensemble, tmp: Path, check_data: Path, calib_data: Path, *, calib_n: int, batch_size: int,
+    fp32: Path, ensemble: Ensemble, tmp: Path, *, check_data: Path, calib_data: Path, calib_n: int, batch_size: int,
     progress: Callable[[int], None] | None, out: Path,
 ) -> tuple[Path, dict[str, Any]]:
     """Quantize, then score fp32 and int8 on the check data at the stored threshold(s) and apply the gate.

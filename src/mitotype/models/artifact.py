@@ -52,7 +52,7 @@ class LoadedModel:
         return self.card["build"].get("mpp")
 
 
-def save_model(model: MitotypeModel, cfg: Config, out_dir: Path, threshold: float, trained_on: dict, metrics: dict) -> None:
+def save_model(model: MitotypeModel, cfg: Config, out_dir: Path, *, threshold: float, trained_on: dict, metrics: dict) -> None:
     """Write weights and card atomically (weights first: a card always points at whole weights).
 
     Weights that are not finite (a diverged run) are refused: such a model is never saved as done.

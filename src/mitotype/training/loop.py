@@ -284,7 +284,7 @@ def _finish(cfg, manifest, store, run_dir, model, history, train_idx, val_idx, d
         "groups": int(train_rows["group"].nunique()), "domains": sorted(d for d in train_rows["domain"].unique() if d),
         "epochs": len(history),
     }
-    save_model(model, cfg, run_dir, threshold, trained_on, {"validation": val_metrics} if val_metrics else {})
+    save_model(model, cfg, run_dir, threshold=threshold, trained_on=trained_on, metrics={"validation": val_metrics} if val_metrics else {})
     return FitResult(model, history, threshold, val_predictions, val_metrics, seconds)
 
 

@@ -53,7 +53,7 @@ def require_targets(targets: dict[str, torch.Tensor], heads: dict[str, HeadConfi
                                 "give the data that column or set the head's weight to 0")
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float, gamma: float, positive: list[int] | None = None) -> torch.Tensor:
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float, gamma: float, positive: list[int] | None = None) -> torch.Tensor:
     """Focal loss on class logits (Lin et al. 2017): down-weights easy, well-classified patches so the
     rare, subtle atypical figures drive the gradient. ``alpha`` weights rows whose target is one of
     the ``positive`` (atypical) classes, ``1 - alpha`` the others. Mean over the rows given."""
@@ -118,7 +118,7 @@ class HeadLoss(nn.Module):
                 loss = bce_loss(logits, target, head.positive, weight=weight if weight.numel() else None,
                                 label_smoothing=self.cfg.label_smoothing)
             elif self.cfg.name == "focal":
-                loss = focal_loss(class_logits(logits), target, self.cfg.focal_alpha, self.cfg.focal_gamma, head.positive)
+                loss = focal_loss(class_logits(logits), target, alpha=self.cfg.focal_alpha, gamma=self.cfg.focal_gamma, positive=head.positive)
             else:
                 loss = F.cross_entropy(class_logits(logits), target, weight=weight if weight.numel() else None, label_smoothing=self.cfg.label_smoothing)
             total = total + head.weight * loss
