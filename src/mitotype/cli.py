@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mitotype import DEFAULT_RECIPE
-from mitotype.config import BackendName, BBoxFormat
+from mitotype.config import BackendName, BBoxFormat, SizePolicy
 from mitotype.errors import MitotypeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tell atypical from normal mitotic figures in H&E patches.")
@@ -26,7 +26,7 @@ RecipeOpt = typer.Option(DEFAULT_RECIPE, "--recipe", "-r", help="Recipe name (pa
 SetOpt = typer.Option(None, "--set", "-s", help="Override a config field: section.field=value (repeatable).")
 SkipBadOpt = typer.Option(False, "--skip-bad", help="Skip unreadable / non-RGB images with a warning instead of stopping.")
 SkipMissingOpt = typer.Option(False, "--skip-missing", help="Drop CSV rows whose image is missing, with a warning.")
-SizePolicyOpt = typer.Option(None, "--size-policy", help="Patches of another size than the model's: error, center-crop or resize.")
+SizePolicyOpt = typer.Option(None, "--size-policy", help="Patches of another size than the model's (default: the model's policy).")
 BackendOpt = typer.Option(BackendName.auto, "--backend", help="auto (OpenVINO fp32, else ONNX Runtime fp32, else torch; torch on a "
                           "GPU), torch, onnxruntime, openvino or openvino-bf16. Graph backends export the model once into the cache.")
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
@@ -188,7 +188,7 @@ def evaluate(
     skip_missing: bool = SkipMissingOpt,
     device: str = DeviceOpt,
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples for the 95% intervals."),
-    size_policy: Optional[str] = SizePolicyOpt,
+    size_policy: Optional[SizePolicy] = SizePolicyOpt,
     skip_bad: bool = SkipBadOpt,
     backend: BackendName = BackendOpt,
 ) -> None:
@@ -214,7 +214,7 @@ def predict(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Decision threshold (default: the model's)."),
     skip_missing: bool = SkipMissingOpt,
     device: str = DeviceOpt,
-    size_policy: Optional[str] = SizePolicyOpt,
+    size_policy: Optional[SizePolicy] = SizePolicyOpt,
     skip_bad: bool = SkipBadOpt,
     backend: BackendName = BackendOpt,
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="With a graph backend: a file from `mitotype export` of this model."),
@@ -342,7 +342,7 @@ def explain(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Decision threshold (default: the model's)."),
     skip_missing: bool = SkipMissingOpt,
     device: str = DeviceOpt,
-    size_policy: Optional[str] = SizePolicyOpt,
+    size_policy: Optional[SizePolicy] = SizePolicyOpt,
 ) -> None:
     """Grad-CAM overlay beside each patch and a contact sheet of the clearest and hardest calls."""
     from mitotype.inference.explain import SHEET_NAME, explain_path
@@ -527,12 +527,8 @@ def _progress():
         yield lambda n: bar.advance(task, n)
 
 
-def _policy(value: Optional[str]) -> Optional[str]:
-    from mitotype.config import SIZE_POLICIES
-
-    if value is not None and value not in SIZE_POLICIES:
-        raise MitotypeError(f"--size-policy '{value}': must be one of {', '.join(SIZE_POLICIES)}")
-    return value
+def _policy(value: Optional[SizePolicy]) -> Optional[str]:
+    return value.value if value is not None else None
 
 
 def _fmt(value) -> str:

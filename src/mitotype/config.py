@@ -40,6 +40,14 @@ class BackendName(str, enum.Enum):
     openvino_bf16 = "openvino-bf16"
 
 
+class SizePolicy(str, enum.Enum):
+    """What happens to a patch of another size than the model's (``--size-policy``; ``data.size_policy``)."""
+
+    error = "error"
+    center_crop = "center-crop"
+    resize = "resize"
+
+
 class BBoxFormat(str, enum.Enum):
     """How COCO-style boxes of a point file are read (``--bbox-format``): corners (MIDOG) or x, y, w, h."""
 
@@ -389,7 +397,7 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return cfg
 
 
-SIZE_POLICIES = ("error", "center-crop", "resize")
+SIZE_POLICIES = tuple(p.value for p in SizePolicy)
 _CHOICES = {
     ("data", "size_policy"): SIZE_POLICIES,
     ("data", "on_bad_image"): ("error", "skip"),
