@@ -84,6 +84,15 @@ FIGURES = (
            r"by source in those predictions MIDOG21 (\S+) / (\S+), TUPAC16 (\S+) / (\S+) \(",
            lambda b: tuple(f3(b["_results"]["bundle-oof"]["per_source"][s]["at_0.5"][m])
                            for s in ("MIDOG21", "TUPAC16") for m in ("balanced_accuracy", "roc_auc"))),
+    Figure("bf16 labels that differ from torch's (benchmarks/results/backend-agreement)", "readme",
+           r"changes (\d+) of the ([\d,]+) labels here \(bf16 arithmetic, max \|Δp\| (\S+);",
+           lambda b: (str(b["_results"]["backend-agreement"]["backends"]["openvino-bf16"]["labels_differing_from_torch"]),
+                      f"{b['_results']['backend-agreement']['n']:,}",
+                      f"{b['_results']['backend-agreement']['backends']['openvino-bf16']['max_abs_dp_vs_torch']:.3f}")),
+    Figure("the current bundle at the other folds' threshold vs 0.5 (benchmarks/results/bundle-oof)", "readme",
+           r"the current bundle: (\S+) vs (\S+), mean over folds",
+           lambda b: (f3(b["_results"]["bundle-oof"]["cross_fitted_threshold"]["mean_balanced_accuracy"]),
+                      f3(b["_results"]["bundle-oof"]["mean"]["balanced_accuracy"]))),
     Figure("default predict vs the old torch path (benchmarks/results/fast-by-default)", "readme",
            r"default `predict` is \*\*(\S+)x\*\* \((\S+)-(\S+) over 3 rounds\)",
            lambda b: tuple(f"{b['_results']['fast-by-default']['sides']['default'][k]:.2f}"
