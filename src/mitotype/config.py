@@ -80,6 +80,10 @@ class AugmentConfig:
     hed_sigma: float = 0.0  # HED jitter: hed * (1 + U(-sigma, sigma)) ...
     hed_bias: float = 0.0  # ... + U(-bias, bias), per image and stain channel (rgb2hed units)
     p: float = 1.0  # probability that a sample gets the colour / stain part at all
+    # JPEG re-compression, last: with probability jpeg_p a sample is encoded and decoded at a quality
+    # drawn in [lo, hi] (whole-slide images are JPEG tiles; training PNGs are not). 0 = off.
+    jpeg_p: float = 0.0
+    jpeg_quality: tuple[int, int] = (70, 95)
 
     def __post_init__(self) -> None:
         for name in ("flip", "rot90"):
@@ -92,6 +96,14 @@ class AugmentConfig:
         self.hed_sigma = _number("hed_sigma", self.hed_sigma, 0.0, 1.0)
         self.hed_bias = _number("hed_bias", self.hed_bias, 0.0, 1.0)
         self.p = _number("p", self.p, 0.0, 1.0)
+        self.jpeg_p = _number("jpeg_p", self.jpeg_p, 0.0, 1.0)
+        q = self.jpeg_quality
+        if isinstance(q, (str, bytes)) or not hasattr(q, "__len__") or len(q) != 2:
+            raise MitotypeError(f"augment.jpeg_quality must be a pair [min, max], got {q!r}")
+        lo_q, hi_q = (_number("jpeg_quality", v, 1.0, 100.0) for v in q)
+        if not (lo_q == int(lo_q) and hi_q == int(hi_q) and lo_q <= hi_q):
+            raise MitotypeError(f"augment.jpeg_quality must be whole numbers 1 <= min <= max <= 100, got {q!r}")
+        self.jpeg_quality = (int(lo_q), int(hi_q))
         cs = self.crop_scale
         if isinstance(cs, (str, bytes)) or not hasattr(cs, "__len__") or len(cs) != 2:
             raise MitotypeError(f"augment.crop_scale must be a pair [min, max], got {cs!r}")
@@ -127,8 +139,12 @@ class AugmentConfig:
         return self.p > 0 and (self.stain_on or self.jitter_on)
 
     @property
+    def jpeg_on(self) -> bool:
+        return self.jpeg_p > 0
+
+    @property
     def is_identity(self) -> bool:
-        return not (self.geometry_on or self.colour_on)
+        return not (self.geometry_on or self.colour_on or self.jpeg_on)
 
 
 

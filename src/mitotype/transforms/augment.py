@@ -180,9 +180,22 @@ class BatchAugment(torch.nn.Module):
             flat, owned = self._warp(x, _to(x, theta)[0], smooth), True
         if cfg.colour_on:
             flat, owned = self._colour(flat, u, owned)
-        if not owned:  # nothing was changed (no geometry; the colour mask picked no sample)
+        out = flat.clamp_(0.0, 1.0).view(b, c, h, w) if owned else x  # not owned: nothing changed so far
+        return self._jpeg(out, generator) if cfg.jpeg_on else out
+
+    def _jpeg(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """JPEG re-compression of the chosen samples at their drawn quality, through uint8 like a real
+        slide tile; drawn after the other parts, so configs without it keep their random stream."""
+        lo, hi = self.cfg.jpeg_quality
+        chosen = torch.rand(x.shape[0], generator=generator) < self.cfg.jpeg_p
+        quality = lo + (torch.rand(x.shape[0], generator=generator) * (hi - lo + 1)).long().clamp_(max=hi - lo)
+        if not chosen.any():
             return x
-        return flat.clamp_(0.0, 1.0).view(b, c, h, w)
+        out = x.clone()
+        for i in torch.flatten(torch.nonzero(chosen)).tolist():
+            u8 = (x[i].detach().cpu() * 255).round_().to(torch.uint8).permute(1, 2, 0).numpy()
+            out[i] = torch.from_numpy(jpeg_round_trip(u8, int(quality[i]))).permute(2, 0, 1).to(x.device, x.dtype) / 255
+        return out
 
     def _scratch(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
         """A reusable uninitialised buffer on CPU; ``None`` (allocate normally) elsewhere."""
@@ -326,3 +339,15 @@ def dihedral_view(x: torch.Tensor, k: int) -> torch.Tensor:
 def dihedral_views(x: torch.Tensor) -> list[torch.Tensor]:
     """The 8 flips / rotations of a batch (identity first), for test-time augmentation."""
     return [dihedral_view(x, k) for k in range(8)]
+
+
+def jpeg_round_trip(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """An (H, W, 3) uint8 image encoded as JPEG at ``quality`` (Pillow's defaults: 4:2:0 chroma) and decoded."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("RGB"))
