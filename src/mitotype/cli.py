@@ -280,6 +280,27 @@ def points_cmd(
               f"summary → {summary_csv or summary_csv_path(out_csv)}")
 
 
+@app.command("evaluate-detections")
+def evaluate_detections_cmd(
+    detections: Path = typer.Argument(..., help="Detections CSV: image, x, y, score (level-0 pixels)."),
+    truth: Path = typer.Option(..., "--truth", "-t", help="True figures: a CSV (image, x, y), a MitDet folder or a MIDOG/COCO JSON."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Where metrics.json, per_image.csv, matched.csv and overlays/ go."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder the truth's image names resolve in."),
+    mpp: float = typer.Option(0.25, "--mpp", help="Microns per pixel of the images (the match radius is 7.5 um)."),
+    threshold: float = typer.Option(0.0, "--threshold", help="Score threshold for the counts (the F1-maximising one is reported too)."),
+    overlays: bool = typer.Option(True, "--overlays/--no-overlays", help="Draw TP / FP / missed figures on each plain image."),
+) -> None:
+    """Match point detections to true figures within 7.5 um (MIDOG): precision, recall, F1, the best threshold."""
+    from mitotype.workflows.detections import evaluate_detections
+
+    m = evaluate_detections(_existing(detections, "detections"), _existing(truth, "--truth"), out_dir,
+                            images=_existing(images, "--images") if images else None, mpp=mpp, threshold=threshold, overlays=overlays)
+    a, b = m["at_threshold"], m["best_f1"]
+    out.print(f"{m['n_detections']} detections, {m['n_true']} true figures on {m['n_images']} image(s): at {a['threshold']:g} precision "
+              f"{_fmt(a['precision'])}, recall {_fmt(a['recall'])}, F1 {_fmt(a['f1'])}; best F1 {_fmt(b['f1'])} at {b['threshold']:g} "
+              f"→ {out_dir}/metrics.json")
+
+
 @app.command()
 def export(
     model: Path = typer.Argument(..., help="Model folder, cv run directory (one graph averaging its folds) or 'bundled'."),
