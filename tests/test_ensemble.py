@@ -123,3 +123,49 @@ def test_the_allocator_keeps_freed_activations_instead_of_refaulting_them() -> N
     block = 64 << 20
     assert got["plain"][0] >= block and got["plain"][1] < block  # mmapped, and handed back to the kernel on free
     assert got["tuned"][0] < block and got["tuned"][1] >= block  # from the heap, and kept there for the next batch
+
+
+def test_batchnorm_adaptation_averages_the_statistics_of_the_users_batches(tmp_path: Path) -> None:
+    """Each BatchNorm layer's running mean becomes the plain average of its inputs' batch means
+    over the given batches (momentum None), whatever the model was trained on; then scoring uses it."""
+    ensemble = Ensemble.load(_save(tmp_path / "m"))
+    net = ensemble.nets[0]
+    first = next(m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    seen: list[torch.Tensor] = []
+    hook = first.register_forward_pre_hook(lambda mod, args: seen.append(args[0].mean(dim=(0, 2, 3)).detach().clone()))
+    g = torch.Generator().manual_seed(0)
+    dark = [torch.randint(0, 60, (8, 32, 32, 3), dtype=torch.uint8, generator=g) for _ in range(3)]  # a 'shifted' set
+    before = ensemble.p_atypical(dark[0])
+    seen.clear()
+    assert ensemble.adapt_batchnorm(iter(dark)) == 24
+    hook.remove()
+    assert len(seen) == 3
+    torch.testing.assert_close(first.running_mean, torch.stack(seen).mean(dim=0), rtol=1e-5, atol=1e-6)
+    assert first.momentum is not None and not first.training  # put back as it was
+    assert np.abs(ensemble.p_atypical(dark[0]) - before).max() > 1e-4
+    again = Ensemble.load(tmp_path / "m")
+    again.adapt_batchnorm(iter(dark))
+    np.testing.assert_array_equal(again.p_atypical(dark[1]), ensemble.p_atypical(dark[1]))  # reset first: the same result twice
+    with pytest.raises(MitotypeError, match="no patches to adapt on"):
+        again.adapt_batchnorm(iter([]))
+
+
+def test_adapt_bn_runs_on_torch_and_refuses_a_graph_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    from conftest import run_cli, write_class_folders
+    from helpers import assert_one_line_error
+
+    model, data = _save(tmp_path / "m"), write_class_folders(tmp_path / "d", n_atypical=4, n_normal=6)
+    code, _, err = run_cli(monkeypatch, capsys, "predict", data, "--model", model, "--out", tmp_path / "a.csv", "--adapt-bn")
+    assert code == 0, err
+    code, _, err = run_cli(monkeypatch, capsys, "predict", data, "--model", model, "--out", tmp_path / "p.csv", "--backend", "torch")
+    assert code == 0, err
+    import pandas as pd
+
+    adapted, plain = pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "p.csv")
+    assert (adapted["path"] == plain["path"]).all() and np.abs(adapted["p_atypical"] - plain["p_atypical"]).max() > 1e-4
+    assert_one_line_error(run_cli(monkeypatch, capsys, "predict", data, "--model", model, "--out", tmp_path / "o.csv", "--adapt-bn",
+                                  "--backend", "openvino"), "--adapt-bn needs the torch backend", "--backend openvino")
+    code, _, err = run_cli(monkeypatch, capsys, "evaluate", "--model", model, "--data", data, "--out", tmp_path / "ev", "--adapt-bn",
+                           "--n-boot", "10")
+    assert code == 0, err

@@ -27,6 +27,8 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override a config field: sectio
 SkipBadOpt = typer.Option(False, "--skip-bad", help="Skip unreadable / non-RGB images with a warning instead of stopping.")
 SkipMissingOpt = typer.Option(False, "--skip-missing", help="Drop CSV rows whose image is missing, with a warning.")
 SizePolicyOpt = typer.Option(None, "--size-policy", help="Patches of another size than the model's (default: the model's policy).")
+AdaptBnOpt = typer.Option(False, "--adapt-bn", help="Re-estimate BatchNorm statistics on these patches first (test-time "
+                          "adaptation without labels; torch backend; two passes). Off by default: see benchmarks/RESULTS.md.")
 BackendOpt = typer.Option(BackendName.auto, "--backend", help="auto (OpenVINO fp32, else ONNX Runtime fp32, else torch; torch on a "
                           "GPU), torch, onnxruntime, openvino or openvino-bf16. Graph backends export the model once into the cache.")
 DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
@@ -191,6 +193,7 @@ def evaluate(
     size_policy: Optional[SizePolicy] = SizePolicyOpt,
     skip_bad: bool = SkipBadOpt,
     backend: BackendName = BackendOpt,
+    adapt_bn: bool = AdaptBnOpt,
 ) -> None:
     """Score a model (or the averaged fold ensemble) on a labelled dataset."""
     from mitotype.workflows.evaluate import evaluate_model
@@ -198,7 +201,7 @@ def evaluate(
     with _progress() as advance:
         metrics, n_models = evaluate_model(_existing(model, "--model"), _existing(data, "--data"), out_dir, tta=tta, threshold=threshold,
                                            skip_missing=skip_missing, device=device, n_boot=n_boot, progress=advance,
-                                           size_policy=_policy(size_policy), skip_bad=skip_bad, backend=backend.value)
+                                           size_policy=_policy(size_policy), skip_bad=skip_bad, backend=backend.value, adapt_bn=adapt_bn)
     ci = metrics["ci95"]["balanced_accuracy"]
     out.print(f"{n_models} model(s) on {metrics['n']} patches: balanced accuracy {metrics['balanced_accuracy']:.3f} "
               f"[{_fmt(ci[0])}, {_fmt(ci[1])}], AUROC {_fmt(metrics['roc_auc'])} → {out_dir}/metrics.json, {out_dir}/report.html")
@@ -218,6 +221,7 @@ def predict(
     skip_bad: bool = SkipBadOpt,
     backend: BackendName = BackendOpt,
     onnx: Optional[Path] = typer.Option(None, "--onnx", help="With a graph backend: a file from `mitotype export` of this model."),
+    adapt_bn: bool = AdaptBnOpt,
     points: Optional[Path] = typer.Option(None, "--points", help="Moved to `mitotype points POINTS` (still run from here, with a warning)."),
     images: Optional[Path] = typer.Option(None, "--images", hidden=True, help="With --points: folder the image names resolve in."),
 ) -> None:
@@ -227,7 +231,8 @@ def predict(
     if points is not None:  # the old form keeps working and names the new command
         if inputs is not None:
             raise MitotypeError(f"predict: give INPUT ({inputs}) or --points ({points}), not both")
-        used = [flag for flag, value in (("--size-policy", size_policy), ("--skip-bad", skip_bad), ("--onnx", onnx)) if value]
+        used = [flag for flag, value in (("--size-policy", size_policy), ("--skip-bad", skip_bad), ("--onnx", onnx), ("--adapt-bn", adapt_bn))
+                if value]
         if used:
             raise MitotypeError(f"{used[0]}: not used with --points")
         warnings.warn(f"predict --points is now its own command: mitotype points {points} --out {out_csv} ... "
@@ -241,7 +246,7 @@ def predict(
     with _progress() as advance:
         table = predict_path(_model_path(model), _existing(inputs, "input"), out_csv, tta=tta, threshold=threshold,
                              skip_missing=skip_missing, device=device, progress=advance, size_policy=_policy(size_policy),
-                             skip_bad=skip_bad, backend=backend.value, onnx=onnx)
+                             skip_bad=skip_bad, backend=backend.value, onnx=onnx, adapt_bn=adapt_bn)
     n_atyp, n_done = int((table["label"] == "atypical").sum()), int((table["label"] != "").sum())
     skipped = f", {len(table) - n_done} skipped (listed in {skipped_csv_path(out_csv)})" if n_done < len(table) else ""
     out.print(f"{n_done} patches → {out_csv}: {n_atyp} atypical ({n_atyp / max(n_done, 1):.1%}){skipped}; "

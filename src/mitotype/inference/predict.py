@@ -34,6 +34,25 @@ def predict_manifest(
     return p
 
 
+def adapt_backend(backend: str, adapt_bn: bool, onnx: Path | None = None) -> str:
+    """The backend to run: BatchNorm adaptation needs PyTorch (exported graphs fold BatchNorm), so
+    ``auto`` becomes ``torch`` with it and a graph backend the user named is refused."""
+    check_backend(backend, onnx)
+    if not adapt_bn:
+        return backend
+    if backend not in ("auto", "torch") or onnx is not None:
+        raise MitotypeError(f"{{adapt_bn}} needs the torch backend (exported graphs fold BatchNorm); got {{backend}} {backend}",
+                            options=("adapt_bn", "backend"))
+    return "torch"
+
+
+def adapt_to(ensemble: Ensemble, paths: list[str], *, size_policy: str, skip_bad: bool = False, batch_size: int = INFERENCE_BATCH) -> int:
+    """The first of two passes: BatchNorm statistics re-estimated on ``paths`` (unreadable images
+    skipped with ``skip_bad``, as the scoring pass skips them)."""
+    batches = iter_batches(paths, batch_size, ensemble.patch_size, size_policy, on_bad_image="skip" if skip_bad else "error")
+    return ensemble.adapt_batchnorm(batch for _, batch in batches)
+
+
 def prediction_table(manifest: pd.DataFrame, p: np.ndarray, threshold: float) -> pd.DataFrame:
     """``path, p_atypical, label`` (the predicted class name) first, then every input column; a
     known true label is kept as ``true_label``."""
@@ -48,13 +67,14 @@ def prediction_table(manifest: pd.DataFrame, p: np.ndarray, threshold: float) ->
 def predict_path(
     model_path: Path, inputs: Path, out_csv: Path, *, tta: bool = False, threshold: float | None = None,
     skip_missing: bool = False, device: str = "auto", progress: Callable[[int], None] | None = None, size_policy: str | None = None,
-    skip_bad: bool = False, backend: str = "auto", onnx: Path | None = None,
+    skip_bad: bool = False, backend: str = "auto", onnx: Path | None = None, adapt_bn: bool = False,
 ) -> pd.DataFrame:
     """Read INPUT (folder or manifest, labels optional), predict with the model or fold ensemble,
     write the prediction table and its HTML report (:func:`report_html_path`) atomically and return
     the table. Outputs and options are checked before any model loads; images skipped with
     ``skip_bad`` are listed in :func:`skipped_csv_path` beside it. ``backend``: see
-    :mod:`mitotype.inference.runtime` (``onnx``: an exported file of this model for a graph backend)."""
+    :mod:`mitotype.inference.runtime` (``onnx``: an exported file of this model for a graph backend);
+    ``adapt_bn`` re-estimates BatchNorm statistics on INPUT first (:func:`adapt_to`)."""
     from mitotype._io import check_output_file, write_csv
     from mitotype.data.readers import read_dataset
 
@@ -62,7 +82,7 @@ def predict_path(
         check_output_file(path, "out_csv")
     if threshold is not None:
         check_threshold(threshold)
-    check_backend(backend, onnx)
+    backend = adapt_backend(backend, adapt_bn, onnx)
     if backend in GRAPH_BACKENDS and device == "auto":
         device = "cpu"
     ensemble = Ensemble.load(model_path, device=device, threshold=threshold)
@@ -70,6 +90,8 @@ def predict_path(
     df = read_dataset(inputs, require_labels=False, skip_missing=skip_missing).manifest
     if df.empty:
         raise MitotypeError(f"{inputs}: no images found")
+    if adapt_bn:
+        adapt_to(ensemble, df["path"].tolist(), size_policy=size_policy or ensemble.size_policy, skip_bad=skip_bad)
     skipped: list[tuple[str, str]] = []
     p = predict_manifest(scorer, df, patch_size=ensemble.patch_size, size_policy=size_policy or ensemble.size_policy, tta=tta,
                          progress=progress, skip_bad=skip_bad, skipped=skipped, skipped_note=str(skipped_csv_path(out_csv)))

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -176,6 +176,39 @@ class Ensemble:
         """p_atypical for positions ``index`` of a decoded store (cv's held-out rows, validation)."""
         parts = [self.p_atypical(store.batch(index[s : s + batch_size]), tta) for s in range(0, len(index), batch_size)]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+    @torch.no_grad()
+    def adapt_batchnorm(self, batches: Iterable[torch.Tensor | np.ndarray]) -> int:
+        """Test-time adaptation without labels: re-estimate every BatchNorm layer's running mean and
+        variance on ``batches`` of the user's own uint8 patches (a cumulative average over all of
+        them), then score with those. Changes the members in place; returns the patches seen.
+
+        It needs the PyTorch backend (exported graphs fold BatchNorm into the convolutions) and a
+        pass over the patches before the scoring pass. Known to suffer from small batches and from
+        a class prior far from the training one (benchmarks/shift_levers.py measures it)."""
+        layers = [m for net in self.nets for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not layers:
+            raise MitotypeError("adapt BatchNorm: the model has no BatchNorm layers")
+        saved = [(m.momentum, m.training) for m in layers]
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: every batch counts alike
+            m.train()
+        seen = 0
+        try:
+            for batch in batches:
+                x = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
+                inputs = build_batch(x, self.device, channels_last=True)
+                for net in self.nets:
+                    net(inputs)
+                seen += len(x)
+        finally:
+            for m, (momentum, training) in zip(layers, saved):
+                m.momentum = momentum
+                m.train(training)
+        if not seen:
+            raise MitotypeError("adapt BatchNorm: no patches to adapt on")
+        return seen
 
     def each(self) -> list["Ensemble"]:
         """Each member as an ensemble of one, at its own threshold (a fold model scored alone)."""

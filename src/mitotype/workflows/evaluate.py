@@ -13,25 +13,27 @@ from mitotype.data.readers import read_dataset
 from mitotype.data.splits import evaluation_rows
 from mitotype.evaluation.html_report import write_report
 from mitotype.evaluation.report import write_evaluation
-from mitotype.inference.predict import predict_manifest, prediction_table
-from mitotype.inference.runtime import check_backend, make_backend
+from mitotype.inference.predict import adapt_backend, adapt_to, predict_manifest, prediction_table
+from mitotype.inference.runtime import make_backend
 from mitotype.models.ensemble import Ensemble
 
 
 def evaluate_model(
     model_path: Path, data: Path, out_dir: Path, *, tta: bool = False, threshold: float | None = None,
     skip_missing: bool = False, device: str = "auto", n_boot: int = 1000, progress: Callable[[int], None] | None = None,
-    size_policy: str | None = None, skip_bad: bool = False, backend: str = "auto",
+    size_policy: str | None = None, skip_bad: bool = False, backend: str = "auto", adapt_bn: bool = False,
 ) -> tuple[dict, int]:
     """Writes predictions.csv, metrics.json, roc.png, confusion.png, report.html (and skipped.csv,
     the images left out with ``skip_bad``); returns (metrics, n_models). ``out_dir`` is checked before any work."""
     check_output_dir(out_dir, "out_dir")
-    check_backend(backend)
+    backend = adapt_backend(backend, adapt_bn)
     ensemble = Ensemble.load(model_path, device=device, threshold=threshold)
     scorer, t = make_backend(backend, ensemble), ensemble.threshold
     df = read_dataset(data, skip_missing=skip_missing).manifest
     df = df.iloc[evaluation_rows(df)].reset_index(drop=True)
     require_labels(df, str(data))
+    if adapt_bn:  # labels are never read here: the adaptation sees the patches only
+        adapt_to(ensemble, df["path"].tolist(), size_policy=size_policy or ensemble.size_policy, skip_bad=skip_bad)
     skipped: list[tuple[str, str]] = []
     p = predict_manifest(scorer, df, patch_size=ensemble.patch_size, size_policy=size_policy or ensemble.size_policy, tta=tta,
                          progress=progress, skip_bad=skip_bad, skipped=skipped, skipped_note=str(out_dir / "skipped.csv"))
