@@ -271,3 +271,20 @@ def test_check_figures_fails_naming_a_figure_that_drifted_or_whose_sentence_is_g
     (tmp_path / "README.md").write_text(readme.replace("worst fold 0.718", "worst fold\n  0.718 (fold 1)"))  # rewritten, not changed
     run = _check_figures("--readme", str(tmp_path / "README.md"))
     assert run.returncode == 1 and "DRIFT CV folds and worst fold's balanced accuracy: its pattern matches 0 times in README.md" in run.stdout
+
+
+def test_bn_adaptation_subsamples_to_the_asked_atypical_share() -> None:
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bn_adaptation import subsample
+
+    y = np.r_[np.ones(30, int), np.zeros(170, int)]  # 15% atypical
+    rng = np.random.default_rng(0)
+    assert subsample(y, None, rng).tolist() == list(range(200))
+    for share in (0.10, 0.22):
+        rows = subsample(y, share, rng)
+        assert len(set(rows)) == len(rows) and abs(y[rows].mean() - share) < 0.01
+    assert y[subsample(y, 0.10, rng)].sum() < 30 and (y[subsample(y, 0.22, rng)] == 0).sum() < 170  # the other class dropped
