@@ -93,6 +93,15 @@ FIGURES = (
            r"the current bundle: (\S+) vs (\S+), mean over folds",
            lambda b: (f3(b["_results"]["bundle-oof"]["cross_fitted_threshold"]["mean_balanced_accuracy"]),
                       f3(b["_results"]["bundle-oof"]["mean"]["balanced_accuracy"]))),
+    Figure("leave-one-source-out, lite0-crop64 (benchmarks/results/e4-lite0-crop64-loso)", "readme",
+           r"`lite0-crop64` scores Aperio CS2 (\S+), Hamamatsu S360 (\S+), Hamamatsu XR (\S+), TUPAC16 (\S+)\.",
+           lambda b: tuple(f3(b["_results"]["e4-lite0-crop64-loso"]["per_source"][s]["at_0.5"]["balanced_accuracy"])
+                           for s in ("MIDOG21/Aperio ScanScope CS2", "MIDOG21/Hamamatsu S360", "MIDOG21/Hamamatsu XR", "TUPAC16"))),
+    Figure("experiment 9 vs lite0-crop64, pooled out of fold (benchmarks/results/e9-lite0-crop64-stain-loso)", "readme",
+           r"pooled \+(\S+) \[(\S+), \+(\S+)\]: promising",
+           lambda b: (f3(b["_results"]["e9-lite0-crop64-stain-loso"]["against"]["paired_bootstrap"]["difference"]),
+                      f3(b["_results"]["e9-lite0-crop64-stain-loso"]["against"]["paired_bootstrap"]["ci95"][0]),
+                      f3(b["_results"]["e9-lite0-crop64-stain-loso"]["against"]["paired_bootstrap"]["ci95"][1]))),
     Figure("default predict vs the old torch path (benchmarks/results/fast-by-default)", "readme",
            r"default `predict` is \*\*(\S+)x\*\* \((\S+)-(\S+) over 3 rounds\)",
            lambda b: tuple(f"{b['_results']['fast-by-default']['sides']['default'][k]:.2f}"
@@ -129,7 +138,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     problems = check(docs, bundle)
     for line in problems:
         print(f"DRIFT {line}")
-    print(f"{len(FIGURES)} figures checked against {args.bundle.name}: " + (f"{len(problems)} drifted" if problems else "all agree"))
+    print(f"{len(FIGURES)} figures checked against {args.bundle.name} and benchmarks/results: " + (f"{len(problems)} drifted" if problems else "all agree"))
     return problems
 
 

@@ -21,13 +21,13 @@ scratch=${MUTATION_DIR:-$root/build/mutation}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1
 
 declare -A TESTS_FOR=(
-  [training/losses]="tests/test_training.py tests/test_heads.py"
+  [training/losses]="tests/test_training.py tests/test_heads.py tests/test_baselines.py"
   [evaluation/metrics]="tests/test_evaluation.py"
   [data/splits]="tests/test_splits.py tests/test_data.py"
   [training/loop]="tests/test_training.py tests/test_runs.py tests/test_heads.py tests/test_foundation.py"
   [workflows/runs]="tests/test_runs.py tests/test_training.py tests/test_domains.py tests/test_tune_compare.py tests/test_bad_input.py tests/test_cli.py tests/test_data.py"
   [models/ensemble]="tests/test_ensemble.py tests/test_inference.py"
-  [models/registry]="tests/test_models.py tests/test_inference.py tests/test_heads.py"
+  [models/registry]="tests/test_models.py tests/test_inference.py tests/test_heads.py tests/test_baselines.py tests/test_custom_models.py tests/test_explain.py"
   [transforms/augment]="tests/test_transforms.py tests/test_inference.py tests/test_augment_contract.py"
 )
 

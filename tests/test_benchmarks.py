@@ -256,7 +256,7 @@ def _check_figures(*args: str) -> subprocess.CompletedProcess:
 def test_check_figures_finds_the_readme_and_results_figures_equal_to_the_bundle() -> None:
     run = _check_figures()
     assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.strip().endswith("figures checked against bundle.json: all agree")
+    assert run.stdout.strip().endswith("figures checked against bundle.json and benchmarks/results: all agree")
 
 
 def test_check_figures_fails_naming_a_figure_that_drifted_or_whose_sentence_is_gone(tmp_path: Path) -> None:
