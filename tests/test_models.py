@@ -207,3 +207,18 @@ def test_freeze_groups_freezes_exactly_the_leading_coarse_groups() -> None:
     groups = group_parameters(model.backbone, model.backbone.group_matcher(coarse=True))
     want = {f"backbone.{n}" for gid, names in groups.items() if gid < 2 for n in names}
     assert {n for n, p in model.named_parameters() if not p.requires_grad} == want
+
+
+def test_drop_path_rate_reaches_the_backbone() -> None:
+    """model.drop_path_rate is passed to timm: its blocks drop paths at rates rising to it (and none without it)."""
+    from mitotype.config import load_config
+    from mitotype.models.registry import create_model
+
+    base = ["model.backbone=test_efficientnet", "model.pretrained=none", "model.input_size=32", "data.patch_size=32"]
+
+    def rates(*extra: str) -> list[float]:
+        model = create_model(load_config(None, [*base, *extra]).model)
+        return sorted({round(float(m.drop_prob), 3) for m in model.modules() if type(m).__name__ == "DropPath"})
+
+    assert rates("model.drop_path_rate=0.2") == [0.04, 0.08, 0.12, 0.16]
+    assert rates() == []
