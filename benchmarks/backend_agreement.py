@@ -10,13 +10,13 @@ and how many depends on the CPU (AVX-512 BF16 or AMX kernels, or f32 where the C
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from _patches import DEFAULT_DATA  # benchmarks/ is on the path when run as a script
 from _timing import cpu_line
+from mitotype._io import write_json
 from mitotype.data.readers import read_dataset
 from mitotype.inference.quantize import score_backends
 from mitotype.inference.runtime import make_backend
@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  "called_atypical": int(ensemble.labels(p[name]).sum())}
         print(f"{name:14s} labels differing from torch {out['backends'][name]['labels_differing_from_torch']:4d} of {len(paths)}, "
               f"max |dp| {out['backends'][name]['max_abs_dp_vs_torch']:.2e}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.out / "summary.json", out)
     return out
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mitotype._io import write_json
 from mitotype.data.images import decode_all
 from mitotype.evaluation.metrics import binary_metrics
 from mitotype.models.ensemble import INFERENCE_BATCH, Ensemble
@@ -68,8 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name:30s} share {got['atypical_share']:.2f} (n {got['n']:4d}): BA {a['balanced_accuracy']:.3f} -> "
                   f"{b['balanced_accuracy']:.3f}, sens {a['sensitivity']:.3f} -> {b['sensitivity']:.3f}, "
                   f"spec {a['specificity']:.3f} -> {b['specificity']:.3f}, AUROC {a['roc_auc']:.3f} -> {b['roc_auc']:.3f}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out / "summary.json", result)
     return result
 
 

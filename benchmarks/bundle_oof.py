@@ -13,12 +13,12 @@ holds as many patches as ``bundle.json`` says its run's fold held. Writes ``oof_
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from _patches import DEFAULT_DATA  # benchmarks/ is on the path when run as a script
+from mitotype._io import write_json, write_csv
 from mitotype.config import load_config
 from mitotype.data.dataset import learnable, load_dataset
 from mitotype.data.splits import grouped_folds
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "bundle_json_balanced_accuracy": info["cv"]["per_fold"][k]["balanced_accuracy"]})
         print(f"fold {k}: BA {m['balanced_accuracy']:.3f} (bundle.json {per_fold[-1]['bundle_json_balanced_accuracy']:.3f}), "
               f"AUROC {m['roc_auc']:.3f}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    data.manifest.assign(fold=fold_of, p_atypical=p).to_csv(args.out / "oof_predictions.csv", index=False)
+    write_csv(args.out / "oof_predictions.csv", data.manifest.assign(fold=fold_of, p_atypical=p))
     pooled = binary_metrics(y, p, 0.5)
     fitted = cross_fitted_metrics(y, p, fold_of)
     summary = {
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
                                    "mean_balanced_accuracy": float(np.mean([m["balanced_accuracy"] for _, m in fitted.values()]))},
         "per_source": per_group(y, p, data.manifest["domain"].to_numpy()),
     }
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(args.out / "summary.json", summary)
     print(f"mean BA over folds at 0.5 {summary['mean']['balanced_accuracy']:.3f}, at the other folds' threshold "
           f"{summary['cross_fitted_threshold']['mean_balanced_accuracy']:.3f}")
     for source, s in summary["per_source"].items():

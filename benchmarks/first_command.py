@@ -17,7 +17,6 @@ Labels of every side are compared with the ``before torch`` side's. Results go t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -32,6 +31,7 @@ import pandas as pd
 
 from _patches import DEFAULT_DATA  # benchmarks/ is on the path when run as a script
 from _timing import cpu_line
+from mitotype._io import write_json, write_csv
 from mitotype.config import load_config
 from mitotype.data.readers import read_dataset
 from mitotype.data.splits import grouped_folds
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"round {r} {name:13s} wall {rows[-1]['wall']:6.1f} s  user {rows[-1]['user']:6.1f}  sys {rows[-1]['sys']:6.1f}", flush=True)
         tables = {name: pd.read_csv(tmp / f"{name.replace(' ', '_')}.csv") for name in names}
     runs = pd.DataFrame(rows)
-    runs.to_csv(args.out / "first_command_runs.csv", index=False)
+    write_csv(args.out / "first_command_runs.csv", runs)
     counted = runs[runs["round"] > 0]
     base = counted[counted["side"] == "before torch"].set_index("round")["wall"]
     summary = {"cpu": cpu_line(), "machine": platform.machine(), "threads": os.cpu_count(), "patches": n, "rounds": args.rounds,
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
             "labels_agree_with_before": float((tables[name]["label"].to_numpy() == ref["label"].to_numpy()).mean()),
             "max_abs_dp_vs_before": float(np.abs(tables[name]["p_atypical"].to_numpy() - ref["p_atypical"].to_numpy()).max()),
         }
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(args.out / "summary.json", summary)
     print(f"\n{n} patches, {summary['cpu']}, {args.rounds} rounds (median, min-max):")
     for name, s in summary["sides"].items():
         print(f"  {name:13s} wall {s['wall_median']:6.1f} s [{s['wall_min']:.1f}-{s['wall_max']:.1f}]  user {s['user_median']:6.1f}  "

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
 
+from mitotype._io import write_json, write_csv
 from mitotype.evaluation.metrics import best_threshold, binary_metrics
 
 KEYS = ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")
@@ -103,9 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["against"] = {"run": str(args.against), "paired_bootstrap": paired_bootstrap(base, oof),
                              "per_source_difference_at_0.5": {s: result["per_source"][s]["at_0.5"]["balanced_accuracy"]
                                                               - base_sources[s]["at_0.5"]["balanced_accuracy"] for s in held}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
-    oof.to_csv(args.out / "oof_predictions.csv", index=False)
+    write_json(args.out / "summary.json", result)
+    write_csv(args.out / "oof_predictions.csv", oof)
     for s, v in result["per_source"].items():
         a, b = v["at_0.5"], v["at_other_sources_threshold"]
         print(f"{s:28s} n {v['n']:4d}  at 0.5: BA {a['balanced_accuracy']:.3f} AUROC {a['roc_auc']:.3f} sens {a['sensitivity']:.3f} "

@@ -42,14 +42,16 @@ class Counts:
         return {"tp": self.tp, "fp": self.fp, "fn": self.fn, "precision": self.precision, "recall": self.recall, "f1": self.f1}
 
 
-def _check(table: pd.DataFrame, name: str, columns: tuple[str, ...]) -> None:
+def check_point_table(table: pd.DataFrame, name: str, columns: tuple[str, ...]) -> None:
+    """``columns`` present and every one after the first (the image) a finite number, else one line
+    naming ``name``, the row (as a CSV's line number) and the value."""
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise MitotypeError(f"{name}: column(s) {', '.join(missing)} missing (expected {', '.join(columns)})")
     for c in columns[1:]:
-        values = pd.to_numeric(table[c], errors="coerce")
-        if values.isna().any() or not np.isfinite(values).all():
-            row = int(np.flatnonzero(values.isna().to_numpy() | ~np.isfinite(values.to_numpy()))[0])
+        bad = ~np.isfinite(pd.to_numeric(table[c], errors="coerce").to_numpy(dtype=float, na_value=np.nan))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
             raise MitotypeError(f"{name} row {row + 2}: {c} {table[c].iloc[row]!r} is not a finite number")
 
 
@@ -70,8 +72,8 @@ def match_image(det_xy: np.ndarray, scores: np.ndarray, true_xy: np.ndarray, rad
 
 def match_detections(detections: pd.DataFrame, truth: pd.DataFrame, *, radius_px: float) -> pd.DataFrame:
     """``detections`` (image, x, y, score) with a ``match`` column: the matched truth row, or -1."""
-    _check(detections, "detections", ("image", "x", "y", "score"))
-    _check(truth, "truth", ("image", "x", "y"))
+    check_point_table(detections, "detections", ("image", "x", "y", "score"))
+    check_point_table(truth, "truth", ("image", "x", "y"))
     if not (np.isfinite(radius_px) and radius_px > 0):
         raise MitotypeError(f"radius {radius_px} px: must be a positive number")
     out = detections.reset_index(drop=True).assign(match=-1)

@@ -29,8 +29,8 @@ from mitotype.data.manifest import LABEL_NAMES, UNLABELLED
 from mitotype.data.points import PointTable, check_bounds, read_points
 from mitotype.data.slides import MPP_TOLERANCE, Source, is_slide, model_mpp, open_source
 from mitotype.errors import MitotypeError
-from mitotype.inference.runtime import GRAPH_BACKENDS, check_backend, make_backend
-from mitotype.models.ensemble import INFERENCE_BATCH, Ensemble, check_threshold
+from mitotype.inference.runtime import check_backend, load_scorer
+from mitotype.models.ensemble import INFERENCE_BATCH, check_threshold
 
 Z95 = 1.959963984540054  # the 97.5% quantile of the standard normal
 PARTIAL_HEADER = "point,p_atypical"
@@ -227,14 +227,12 @@ def predict_points(
             raise MitotypeError(f"{{{name}}} {value}: expected microns per pixel in (0, 100)", options=(name,))
     if threshold is not None:
         check_threshold(threshold)
-    check_backend(backend)
-    if backend in GRAPH_BACKENDS and device == "auto":
-        device = "cpu"
+    check_backend(backend)  # before the points are read
     points = read_points(points_path, images, skip_missing=skip_missing, bbox_format=bbox_format)
     if points.table.empty:
         raise MitotypeError(f"{points_path}: no points found")
-    ensemble = Ensemble.load(model_path, device=device, threshold=threshold)
-    scorer, t = make_backend(backend, ensemble), ensemble.threshold
+    ensemble, scorer = load_scorer(model_path, device=device, threshold=threshold, backend=backend)
+    t = ensemble.threshold
     patch_size, target = ensemble.patch_size, model_mpp([ensemble.mpp])
 
     n = len(points.table)

@@ -12,7 +12,7 @@ import pandas as pd
 from mitotype.data.images import iter_batches
 from mitotype.data.manifest import LABEL_NAMES, UNLABELLED
 from mitotype.errors import MitotypeError
-from mitotype.inference.runtime import GRAPH_BACKENDS, check_backend, make_backend
+from mitotype.inference.runtime import load_scorer
 from mitotype.models.ensemble import INFERENCE_BATCH, Backend, Ensemble, check_threshold
 
 
@@ -32,18 +32,6 @@ def predict_manifest(
         if progress:
             progress(len(index))
     return p
-
-
-def adapt_backend(backend: str, adapt_bn: bool, onnx: Path | None = None) -> str:
-    """The backend to run: BatchNorm adaptation needs PyTorch (exported graphs fold BatchNorm), so
-    ``auto`` becomes ``torch`` with it and a graph backend the user named is refused."""
-    check_backend(backend, onnx)
-    if not adapt_bn:
-        return backend
-    if backend not in ("auto", "torch") or onnx is not None:
-        raise MitotypeError(f"{{adapt_bn}} needs the torch backend (exported graphs fold BatchNorm); got {{backend}} {backend}",
-                            options=("adapt_bn", "backend"))
-    return "torch"
 
 
 def adapt_to(ensemble: Ensemble, paths: list[str], *, size_policy: str, skip_bad: bool = False, batch_size: int = INFERENCE_BATCH) -> int:
@@ -82,11 +70,7 @@ def predict_path(
         check_output_file(path, "out_csv")
     if threshold is not None:
         check_threshold(threshold)
-    backend = adapt_backend(backend, adapt_bn, onnx)
-    if backend in GRAPH_BACKENDS and device == "auto":
-        device = "cpu"
-    ensemble = Ensemble.load(model_path, device=device, threshold=threshold)
-    scorer = make_backend(backend, ensemble, onnx_path=onnx)
+    ensemble, scorer = load_scorer(model_path, device=device, threshold=threshold, backend=backend, onnx=onnx, adapt_bn=adapt_bn)
     df = read_dataset(inputs, require_labels=False, skip_missing=skip_missing).manifest
     if df.empty:
         raise MitotypeError(f"{inputs}: no images found")

@@ -73,3 +73,29 @@ def _graph_backend(name: str, ensemble: Ensemble, onnx_path: Path | None, cache_
     if name == "onnxruntime":
         return OnnxBackend(path)
     return OpenVinoBackend(path, precision="bf16" if name == "openvino-bf16" else "f32")
+
+
+def adapt_backend(backend: str, adapt_bn: bool, onnx: Path | None = None) -> str:
+    """The backend to run: BatchNorm adaptation needs PyTorch (exported graphs fold BatchNorm), so
+    ``auto`` becomes ``torch`` with it and a graph backend the user named is refused."""
+    check_backend(backend, onnx)
+    if not adapt_bn:
+        return backend
+    if backend not in ("auto", "torch") or onnx is not None:
+        raise MitotypeError(f"{{adapt_bn}} needs the torch backend (exported graphs fold BatchNorm); got {{backend}} {backend}",
+                            options=("adapt_bn", "backend"))
+    return "torch"
+
+
+def load_scorer(
+    model_path: Path, *, device: str = "auto", threshold: float | None = None, backend: str = "auto", onnx: Path | None = None,
+    adapt_bn: bool = False,
+) -> tuple[Ensemble, Backend]:
+    """The ensemble at ``model_path`` and what scores with it, the one way predict, points and
+    evaluate load a model: options are checked before any weights load, and a graph backend runs
+    on the CPU (``auto`` device)."""
+    backend = adapt_backend(backend, adapt_bn, onnx)
+    if backend in GRAPH_BACKENDS and device == "auto":
+        device = "cpu"
+    ensemble = Ensemble.load(model_path, device=device, threshold=threshold)
+    return ensemble, make_backend(backend, ensemble, onnx_path=onnx)

@@ -122,7 +122,7 @@ class Ensemble:
         if not nets:
             raise MitotypeError("no model to predict with")
         self.nets, self.members, self.amp = list(nets), list(members), amp
-        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.device = _as_device(device)
         self.spec = _agreed_spec(self.members) if self.members else None
         stored = [m.threshold for m in self.members]
         self.threshold = check_threshold(threshold) if threshold is not None else float(np.mean(stored)) if stored else 0.5
@@ -133,7 +133,7 @@ class Ensemble:
         """The model or fold ensemble at ``path``; a bad threshold is refused before any weights load."""
         if threshold is not None:
             check_threshold(threshold)
-        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        dev = _as_device(device)
         members = load_ensemble(Path(path), dev)
         return cls([m.model for m in members], device=dev, members=members, threshold=threshold)
 
@@ -219,6 +219,10 @@ class Ensemble:
     def labels(self, p: np.ndarray) -> np.ndarray:
         """Boolean atypical calls at the ensemble's threshold."""
         return np.asarray(p) >= self.threshold
+
+
+def _as_device(device: torch.device | str) -> torch.device:
+    return device if isinstance(device, torch.device) else resolve_device(device)
 
 
 def _agreed_spec(members: Sequence[LoadedModel]) -> Spec:

@@ -14,7 +14,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
@@ -23,7 +22,7 @@ from mitotype.data.manifest import read_csv_checked
 from mitotype.data.points import read_points
 from mitotype.data.slides import is_slide
 from mitotype.errors import MitotypeError
-from mitotype.evaluation.detection import MATCH_RADIUS_UM, best_f1_threshold, detection_counts, match_detections
+from mitotype.evaluation.detection import MATCH_RADIUS_UM, best_f1_threshold, check_point_table, detection_counts, match_detections
 
 OVERLAY_MAX_SIDE = 2048  # px: larger images are drawn downscaled
 COLOURS = {"tp": (40, 110, 255), "fp": (230, 30, 30), "fn": (255, 200, 0)}
@@ -32,15 +31,8 @@ COLOURS = {"tp": (40, 110, 255), "fp": (230, 30, 30), "fn": (255, 200, 0)}
 def read_detections(path: Path) -> pd.DataFrame:
     """``image, x, y, score`` (other columns kept); each value checked, the row named when bad."""
     table = read_csv_checked(Path(path))
-    missing = [c for c in ("image", "x", "y", "score") if c not in table.columns]
-    if missing:
-        raise MitotypeError(f"{path}: column(s) {', '.join(missing)} missing (expected image, x, y, score)")
-    for column in ("x", "y", "score"):
-        values = pd.to_numeric(table[column], errors="coerce")
-        bad = np.flatnonzero(values.isna().to_numpy() | ~np.isfinite(values.to_numpy(dtype=float, na_value=np.nan)))
-        if len(bad):
-            raise MitotypeError(f"{path} row {int(bad[0]) + 2}: {column} {table[column].iloc[bad[0]]!r} is not a finite number")
-        table[column] = values.astype(float)
+    check_point_table(table, str(path), ("image", "x", "y", "score"))
+    table[["x", "y", "score"]] = table[["x", "y", "score"]].astype(float)
     table["image"] = table["image"].astype(str).map(lambda name: Path(name).name)
     return table
 

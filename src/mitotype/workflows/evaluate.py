@@ -13,9 +13,8 @@ from mitotype.data.readers import read_dataset
 from mitotype.data.splits import evaluation_rows
 from mitotype.evaluation.html_report import write_report
 from mitotype.evaluation.report import write_evaluation
-from mitotype.inference.predict import adapt_backend, adapt_to, predict_manifest, prediction_table
-from mitotype.inference.runtime import make_backend
-from mitotype.models.ensemble import Ensemble
+from mitotype.inference.predict import adapt_to, predict_manifest, prediction_table
+from mitotype.inference.runtime import load_scorer
 
 
 def evaluate_model(
@@ -26,9 +25,8 @@ def evaluate_model(
     """Writes predictions.csv, metrics.json, roc.png, confusion.png, report.html (and skipped.csv,
     the images left out with ``skip_bad``); returns (metrics, n_models). ``out_dir`` is checked before any work."""
     check_output_dir(out_dir, "out_dir")
-    backend = adapt_backend(backend, adapt_bn)
-    ensemble = Ensemble.load(model_path, device=device, threshold=threshold)
-    scorer, t = make_backend(backend, ensemble), ensemble.threshold
+    ensemble, scorer = load_scorer(model_path, device=device, threshold=threshold, backend=backend, adapt_bn=adapt_bn)
+    t = ensemble.threshold
     df = read_dataset(data, skip_missing=skip_missing).manifest
     df = df.iloc[evaluation_rows(df)].reset_index(drop=True)
     require_labels(df, str(data))
