@@ -95,6 +95,11 @@ def test_auto_falls_back_to_torch_with_a_warning_when_the_graph_cannot_be_built(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert runtime.make_backend("torch", ensemble) is ensemble
+    other = tmp_path / "other.onnx"  # a user's --onnx file that does not fit: an error, not a quiet fall-back
+    other.write_bytes(b"")
+    monkeypatch.setattr(runtime, "check_export_matches", lambda *a: (_ for _ in ()).throw(MitotypeError(f"{other}: exported from other weights")))
+    with pytest.raises(MitotypeError, match="exported from other weights"):
+        runtime.make_backend("auto", ensemble, onnx_path=other)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")

@@ -60,7 +60,7 @@ def make_backend(name: str, ensemble: Ensemble, *, onnx_path: Path | None = None
     try:
         return _graph_backend(chosen, ensemble, onnx_path, cache_dir)
     except Exception as err:
-        if name != "auto":
+        if name != "auto" or onnx_path is not None:  # a file the user gave is never swapped for torch
             raise
         warnings.warn(f"backend auto: {chosen} unavailable for this model ({str(err).splitlines()[0][:160]}); using torch", stacklevel=2)
         return ensemble
