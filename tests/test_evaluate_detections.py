@@ -57,6 +57,7 @@ def test_the_radius_follows_the_resolution(tmp_path: Path, monkeypatch: pytest.M
 @pytest.mark.parametrize("edit, needles", [
     (lambda d: d.assign(score=["a", 0.8, 0.3, 0.6]), ("det.csv row 2: score 'a' is not a finite number",)),
     (lambda d: d.drop(columns="score"), ("det.csv: column(s) score missing",)),
+    (lambda d: d.assign(x=[20, float("nan"), 112, 150]), ("det.csv row 3: x nan is not a finite number",)),
     (lambda d: d.assign(image=["c.png"] * 4), ("det.csv: image 'c.png' is not among the truth's images",)),
 ])
 def test_bad_detections_are_one_line_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,

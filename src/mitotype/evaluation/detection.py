@@ -52,7 +52,9 @@ def check_point_table(table: pd.DataFrame, name: str, columns: tuple[str, ...]) 
         bad = ~np.isfinite(pd.to_numeric(table[c], errors="coerce").to_numpy(dtype=float, na_value=np.nan))
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise MitotypeError(f"{name} row {row + 2}: {c} {table[c].iloc[row]!r} is not a finite number")
+            value = table[c].iloc[row]
+            shown = repr(value) if isinstance(value, str) else str(value)  # 'x' for text, nan / inf for numbers
+            raise MitotypeError(f"{name} row {row + 2}: {c} {shown} is not a finite number")
 
 
 def match_image(det_xy: np.ndarray, scores: np.ndarray, true_xy: np.ndarray, radius_px: float) -> np.ndarray:
