@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mitotype import DEFAULT_RECIPE
-from mitotype.config import BackendName, BBoxFormat, SizePolicy
+from mitotype.config import BackendName, BBoxFormat, PointFormat, SizePolicy
 from mitotype.errors import MitotypeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tell atypical from normal mitotic figures in H&E patches.")
@@ -306,6 +306,77 @@ def evaluate_detections_cmd(
               f"→ {out_dir}/metrics.json")
 
 
+@data_app.command("candidates")
+def data_candidates(
+    points: Path = typer.Argument(..., help="Every figure of some images: a CSV (image, x, y[, label]; a mosaic's truth.csv), "
+                                  "a MitDet folder, a MIDOG/COCO JSON or an ICPR 2012 folder."),
+    out_folder: Path = typer.Argument(..., metavar="OUT", help="New or empty folder: patches/ + candidates.csv (a manifest)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder the image names resolve in."),
+    recipe: str = typer.Option("detector-lite0", "--recipe", "-r", help="Detector recipe whose candidates section (and patch "
+                               "size, um/px) is used."),
+    overrides: Optional[List[str]] = SetOpt,
+    mpp: Optional[float] = typer.Option(None, "--mpp", help="um/px of the images (default: the recipe's data.mpp)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the look-alikes drawn at random."),
+) -> None:
+    """Write a detector's training set: patches centred on haematoxylin candidates, mitosis (within 7.5 um of a
+    true figure) or look-alike; train on it with `mitotype train --data OUT/candidates.csv --recipe detector-lite0`."""
+    from mitotype.data.candidates import write_candidate_set
+    from mitotype.data.points import read_points
+
+    cfg = _config(recipe, overrides)
+    if cfg.task != "detect":
+        raise MitotypeError(f"{{recipe}} {recipe}: not a detector recipe (task: {cfg.task})", options=("recipe",))
+    scale = mpp or cfg.data.mpp or 0.25
+    if not (0 < scale < 100):
+        raise MitotypeError(f"{{mpp}} {scale}: expected microns per pixel in (0, 100)", options=("mpp",))
+    table = read_points(_existing(points, "points"), _existing(images, "--images") if images else None)
+    m = write_candidate_set(table, out_folder, cfg=cfg.candidates, mpp=scale, patch_size=cfg.data.patch_size, seed=seed)
+    n_pos = int(m["label"].sum())
+    out.print(f"{len(m)} patches → {out_folder}/candidates.csv: {n_pos} mitosis, {len(m) - n_pos} look-alike "
+              f"(candidate recall in {out_folder}/summary.json)", markup=False)
+
+
+@app.command()
+def detect(
+    inputs: Path = typer.Argument(..., metavar="INPUT", help="An image, a whole-slide image or a folder of them."),
+    out_file: Path = typer.Option(..., "--out", "-o", help="Output file: image, x, y, score (level-0 pixels)[, p_atypical, label]."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Detector model folder or cv run; default: the bundled detector."),
+    classifier: Optional[str] = typer.Option("bundled", "--classifier", help="Classifier chained on each detection: 'bundled', "
+                                             "a model folder or cv run, or 'none'."),
+    fmt: PointFormat = typer.Option(PointFormat.csv, "--format", help="csv, geojson (QuPath points), asap (XML dots, one file per "
+                                    "image when several) or midog (MIDOG-style JSON)."),
+    mpp: Optional[float] = typer.Option(None, "--mpp", help="um/px of plain images (default: the detector's)."),
+    slide_mpp: Optional[float] = typer.Option(None, "--slide-mpp", help="um/px of slides that do not say theirs."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Detection threshold (default: the detector's)."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Keep detections scoring at least this (default: the "
+                                              "threshold); lower it to give evaluate-detections the whole curve."),
+    tile: int = typer.Option(1024, "--tile", help="Tile side in detector pixels (memory per tile, not per image)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.partial/."),
+    device: str = DeviceOpt,
+    backend: BackendName = BackendOpt,
+) -> None:
+    """Find mitotic figures (haematoxylin candidates scored by the detector) and classify each as atypical or normal."""
+    from mitotype.progress import progress_bar
+    from mitotype.workflows.detect import detect as run_detect
+
+    chained = None if classifier == "none" else _model_path(None if classifier == "bundled" else Path(classifier))
+    with progress_bar("tiles", transient=True) as bar:
+        task = bar.add_task("detect", total=None)
+
+        def advance(name: str, done: int, total: int) -> None:
+            bar.update(task, description=f"detect {name}", completed=done, total=total)
+
+        table = run_detect(_detector_path(model), _existing(inputs, "input"), out_file, classifier=chained, fmt=fmt.value, mpp=mpp,
+                           slide_mpp=slide_mpp, threshold=threshold, min_score=min_score, backend=backend.value, device=device,
+                           tile=tile, resume=resume, progress=advance)
+    extra = ""
+    if "label" in table.columns:
+        n_atyp = int((table["label"] == "atypical").sum())
+        extra = f", {n_atyp} atypical ({n_atyp / max(len(table), 1):.1%})"
+    n_images = table["image"].nunique() if len(table) else 0
+    out.print(f"{len(table)} detections on {n_images} image(s) with figures{extra} → {out_file}", markup=False)
+
+
 @app.command()
 def export(
     model: Path = typer.Argument(..., help="Model folder, cv run directory (one graph averaging its folds) or 'bundled'."),
@@ -534,6 +605,15 @@ def _model_path(model: Optional[Path]) -> Path:
     from mitotype.models.bundled import bundled_model_dir
 
     return bundled_model_dir()
+
+
+def _detector_path(model: Optional[Path]) -> Path:
+    """The detector the user named, else the one bundled with mitotype."""
+    if model is not None:
+        return _existing(model, "--model")
+    from mitotype.models.bundled import bundled_detector_dir
+
+    return bundled_detector_dir()
 
 
 def _named_path(text: str) -> tuple[str, Path]:

@@ -48,6 +48,15 @@ class SizePolicy(str, enum.Enum):
     resize = "resize"
 
 
+class PointFormat(str, enum.Enum):
+    """File formats for detections (``detect --format``)."""
+
+    csv = "csv"
+    geojson = "geojson"
+    asap = "asap"
+    midog = "midog"
+
+
 class BBoxFormat(str, enum.Enum):
     """How COCO-style boxes of a point file are read (``--bbox-format``): corners (MIDOG) or x, y, w, h."""
 
@@ -259,14 +268,34 @@ class TrainConfig:
 
 
 @dataclass
+class CandidateConfig:
+    """How a detector finds the places its classifier looks at (``task: detect`` recipes only).
+
+    Mitotic figures are the darkest haematoxylin blobs, so candidates are the local maxima of the
+    smoothed haematoxylin optical density (colour deconvolution) above a floor: cheap, and on the
+    AMi-Br patches 99.5% of the figures have one within 7.5 um. The classifier then tells mitosis
+    from look-alike at each; survivors closer than ``nms_um`` keep only the highest score.
+    """
+
+    sigma_um: float = 0.75  # Gaussian smoothing of the haematoxylin density before the peaks
+    min_od: float = 0.6  # a peak's smoothed haematoxylin optical density must reach this (AMi-Br: 99.75% of figures kept)
+    min_distance_um: float = 3.0  # peaks closer than this merge into one candidate
+    nms_um: float = 7.5  # detections closer than this keep only the best (MIDOG's match radius)
+    radius_um: float = 7.5  # a candidate within this of a true figure is a positive (training sets)
+    negatives_per_figure: int = 8  # look-alikes kept per true figure when building a training set
+
+
+@dataclass
 class Config:
     recipe: str = "default"
     description: str = ""
+    task: str = "classify"  # classify (atypical vs normal patch) | detect (mitosis vs look-alike at haematoxylin candidates)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    candidates: CandidateConfig = field(default_factory=CandidateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -423,6 +452,7 @@ _CHOICES = {
 }
 
 
+TASKS = ("classify", "detect")
 THRESHOLD_RULES = ("auto", "oof")  # a threshold chosen from predictions instead of given
 
 
@@ -458,10 +488,23 @@ def validate_config(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), name)
         if not math.isfinite(value) or value < lo or (hi is not None and value > hi):
             raise MitotypeError(f"config {key}: {value} is out of range ({lo} .. {hi if hi is not None else 'inf'})")
+    if cfg.task not in TASKS:
+        raise MitotypeError(f"config task: '{cfg.task}' is not one of {', '.join(TASKS)}")
+    validate_candidates(cfg.candidates)
     if not 0 <= cfg.data.val_fraction < 1:
         raise MitotypeError("config data.val_fraction: must be in [0, 1)")
     if not cfg.data.stratify or len(set(cfg.data.stratify)) != len(cfg.data.stratify) or not all(cfg.data.stratify):
         raise MitotypeError(f"config data.stratify: {cfg.data.stratify} must be distinct manifest column names, e.g. [label, hard]")
+
+
+def validate_candidates(c: CandidateConfig, where: str = "config candidates") -> None:
+    """Ranges of the candidate finder's settings (also checked when a detector's card is read)."""
+    limits = {"sigma_um": (0.0, 10.0), "min_od": (0.0, 5.0), "min_distance_um": (0.0, 50.0), "nms_um": (0.0, 100.0),
+              "radius_um": (0.1, 100.0), "negatives_per_figure": (0, 10_000)}
+    for name, (lo, hi) in limits.items():
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not lo <= value <= hi:
+            raise MitotypeError(f"{where}.{name}: {value!r} is out of range ({lo} .. {hi})")
 
 
 def _check_finite(value: Any, where: str) -> None:
@@ -511,6 +554,10 @@ def config_change(path: Path, cfg: Config) -> str:
     old, new = (yaml.safe_load(text) or {} for text in (path.read_text(), dump_config(cfg)))
     for values in (old, new):
         values.get("train", {}).pop("device", None)
+    defaults = yaml.safe_load(dump_config(Config()))
+    for key in set(new) - set(old):  # a section added since the run was made counts only when it is not the default
+        if new[key] == defaults.get(key):
+            del new[key]
     return first_difference(old, new)
 
 

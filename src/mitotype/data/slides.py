@@ -85,6 +85,27 @@ class Source:
         resample = Image.Resampling.BOX if side > patch_size else Image.Resampling.BILINEAR
         return np.asarray(Image.fromarray(region).resize((patch_size, patch_size), resample), dtype=np.uint8)
 
+    def size_at(self, target_mpp: float) -> tuple[int, int]:
+        """(width, height) of the whole image in pixels of ``target_mpp``."""
+        scale = self.level_mpps[0] / target_mpp
+        w, h = self.dimensions
+        return max(1, int(math.floor(w * scale + 1e-6))), max(1, int(math.floor(h * scale + 1e-6)))
+
+    def region(self, box: tuple[int, int, int, int], target_mpp: float) -> np.ndarray:
+        """The in-bounds box (x0, y0, x1, y1) of the image as it would be at ``target_mpp`` (pixels of
+        that resolution): read at the level :func:`choose_level` picks, resized like :meth:`crop`.
+        Detection tiles come from here, so a tile costs its own pixels whatever the slide's size."""
+        x0, y0, x1, y1 = box
+        level = choose_level(self.level_mpps, target_mpp)
+        f = target_mpp / self.level_mpps[level]  # level pixels per target pixel
+        lw, lh = self.level_dimensions(level)
+        if abs(f - 1) <= MPP_TOLERANCE:
+            return self.read_box(level, max(0, x0), max(0, y0), min(x1, lw), min(y1, lh))
+        bx0, by0 = max(0, int(math.floor(x0 * f))), max(0, int(math.floor(y0 * f)))
+        bx1, by1 = min(lw, max(bx0 + 1, int(math.ceil(x1 * f)))), min(lh, max(by0 + 1, int(math.ceil(y1 * f))))
+        resample = Image.Resampling.BOX if f > 1 else Image.Resampling.BILINEAR
+        return np.asarray(Image.fromarray(self.read_box(level, bx0, by0, bx1, by1)).resize((x1 - x0, y1 - y0), resample), dtype=np.uint8)
+
     def padded(self, level: int, x0: int, y0: int, side: int) -> np.ndarray:
         """The (side, side) box at (x0, y0) of ``level``; what lies outside the image is BACKGROUND."""
         w, h = self.level_dimensions(level)

@@ -89,13 +89,13 @@ def adapt_backend(backend: str, adapt_bn: bool, onnx: Path | None = None) -> str
 
 def load_scorer(
     model_path: Path, *, device: str = "auto", threshold: float | None = None, backend: str = "auto", onnx: Path | None = None,
-    adapt_bn: bool = False,
+    adapt_bn: bool = False, task: str = "classify", option: str = "model",
 ) -> tuple[Ensemble, Backend]:
     """The ensemble at ``model_path`` and what scores with it, the one way predict, points and
     evaluate load a model: options are checked before any weights load, and a graph backend runs
-    on the CPU (``auto`` device)."""
+    on the CPU (``auto`` device). A model of another ``task`` is refused naming ``option``."""
     backend = adapt_backend(backend, adapt_bn, onnx)
     if backend in GRAPH_BACKENDS and device == "auto":
         device = "cpu"
-    ensemble = Ensemble.load(model_path, device=device, threshold=threshold)
+    ensemble = Ensemble.load(model_path, device=device, threshold=threshold).require_task(task, option)
     return ensemble, make_backend(backend, ensemble, onnx_path=onnx)

@@ -22,7 +22,7 @@ import mitotype
 from mitotype._io import atomic_path, code_revision, write_json
 from mitotype.config import Config
 from mitotype.errors import MitotypeError
-from mitotype.models.card import CARD_FORMAT, build_spec, model_config, read_card
+from mitotype.models.card import CARD_FORMAT, build_spec, class_names, model_config, read_card
 from mitotype.models.pretrained import Normalization, weights_source
 from mitotype.models.registry import MitotypeModel, create_model
 
@@ -76,9 +76,9 @@ def save_model(model: MitotypeModel, cfg: Config, out_dir: Path, *, threshold: f
         "code": code_revision(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "build": build_spec(cfg.model, mean=norm.mean, std=norm.std, patch_size=cfg.data.patch_size,
-                            size_policy=cfg.data.size_policy, mpp=cfg.data.mpp),
-        "class_names": list(mitotype.CLASS_NAMES),
-        "positive_class": "atypical",
+                            size_policy=cfg.data.size_policy, mpp=cfg.data.mpp, task=cfg.task, candidates=cfg.candidates),
+        "class_names": class_names(cfg.task),
+        "positive_class": class_names(cfg.task)[1],
         "threshold": float(threshold),
         "provenance": {
             "recipe": cfg.recipe, "description": cfg.description, "command": _command(),

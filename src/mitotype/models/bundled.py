@@ -26,5 +26,13 @@ def bundled_model_dir() -> Path:
     return folder
 
 
+def bundled_detector_dir() -> Path:
+    """The installed bundled detector's folder (``detect`` and ``analyze`` use it when no model is given)."""
+    folder = Path(str(importlib.resources.files("mitotype") / "bundled_detector"))
+    if not (folder / BUNDLE_INFO).is_file():
+        raise MitotypeError("this installation has no bundled detector; pass a detector model folder or cv run directory as model")
+    return folder
+
+
 def bundle_info() -> dict[str, Any]:
     return json.loads((bundled_model_dir() / BUNDLE_INFO).read_text())

@@ -10,11 +10,12 @@ one-line error naming the card and the field.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
 
-from mitotype.config import REDUCTIONS, SIZE_POLICIES, HeadConfig, ModelConfig, validate_model_config
+from mitotype.config import REDUCTIONS, SIZE_POLICIES, TASKS, CandidateConfig, HeadConfig, ModelConfig, validate_candidates, validate_model_config
 from mitotype.errors import MitotypeError
 
 CARD_FORMAT = "mitotype-model/2"
@@ -22,13 +23,18 @@ OLD_FORMATS = ("mitotype-model/1",)
 BUILD_MODEL_FIELDS = ("arch", "backbone", "input_size", "center_crop", "drop_rate", "drop_path_rate", "kwargs", "options", "reduce", "reduce_heads")
 
 
-def build_spec(model_cfg: ModelConfig, *, mean: tuple, std: tuple, patch_size: int, size_policy: str, mpp: float | None) -> dict[str, Any]:
-    """The ``build`` section of a card for a model made from ``model_cfg``."""
+def build_spec(model_cfg: ModelConfig, *, mean: tuple, std: tuple, patch_size: int, size_policy: str, mpp: float | None,
+               task: str = "classify", candidates: CandidateConfig | None = None) -> dict[str, Any]:
+    """The ``build`` section of a card for a model made from ``model_cfg``; a detector's also holds its
+    candidate finder, which is part of what it is (the weights were trained on those candidates)."""
     spec: dict[str, Any] = {name: getattr(model_cfg, name) for name in BUILD_MODEL_FIELDS}
     spec["heads"] = [dict(vars(h)) for h in model_cfg.heads]
     spec["views"] = {"image": {"input": "RGB uint8 / 255, resized to input_size inside the model", "mean": list(mean), "std": list(std)}}
     spec.update(patch_size=patch_size, size_policy=size_policy, mpp=mpp)
     spec["pretrained"] = model_cfg.pretrained  # the weight source: what a model whose card names its backbone rebuilds it from
+    spec["task"] = task
+    if task == "detect":
+        spec["candidates"] = dataclasses.asdict(candidates or CandidateConfig())
     return spec
 
 
@@ -57,6 +63,7 @@ def read_card(card: Any, path: Path) -> dict[str, Any]:
     check.number(build, "drop_path_rate", "build", lo=0, hi=1)
     check.text(build, "size_policy", "build", choices=SIZE_POLICIES)
     check.text(build, "reduce", "build", choices=REDUCTIONS)
+    _check_task(build, check)
     if build.get("mpp") is not None:
         check.number(build, "mpp", "build", lo=0, hi=100, open_interval=True)
     check.mapping(build, "kwargs", "build")
@@ -122,6 +129,28 @@ def _from_v1(card: dict[str, Any], check: "_Checker") -> dict[str, Any]:
     return {"format": CARD_FORMAT, "converted_from": card["format"], "mitotype_version": card.get("mitotype_version"),
             "created": card.get("created"), "build": build, "class_names": card.get("class_names"),
             "positive_class": card.get("positive_class", "atypical"), "threshold": card.get("threshold"), "provenance": provenance}
+
+
+def class_names(task: str) -> list[str]:
+    """The two classes a model of ``task`` tells apart, negative first."""
+    return ["look-alike", "mitosis"] if task == "detect" else ["normal", "atypical"]
+
+
+def _check_task(build: dict[str, Any], check: "_Checker") -> None:
+    """``task`` (absent in cards older than detection: classify) and a detector's candidate settings."""
+    task = build.setdefault("task", "classify")
+    check.text(build, "task", "build", choices=TASKS)
+    if task != "detect":
+        return
+    found = check.mapping(build, "candidates", "build")
+    known = {f.name for f in dataclasses.fields(CandidateConfig)}
+    unknown = sorted(set(found) - known)
+    if unknown:
+        check.fail(f"build.candidates.{unknown[0]}", f"unknown setting (known: {', '.join(sorted(known))})")
+    try:
+        validate_candidates(CandidateConfig(**found), where=f"{check.path}: build.candidates")
+    except TypeError as err:
+        check.fail("build.candidates", str(err))
 
 
 def _finite(value: Any) -> bool:

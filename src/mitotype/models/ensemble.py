@@ -53,11 +53,13 @@ class Spec:
     size_policy: str
     mpp: float | None
     views: tuple[str, ...]
+    task: str = "classify"
 
     @classmethod
     def of(cls, member: LoadedModel) -> "Spec":
         build = member.card["build"]
-        return cls(member.patch_size, member.size_policy, member.mpp, tuple(sorted(build.get("views", {"image": {}}))))
+        return cls(member.patch_size, member.size_policy, member.mpp, tuple(sorted(build.get("views", {"image": {}}))),
+                   build.get("task", "classify"))
 
 
 def check_threshold(value: float, option: str = "threshold") -> float:
@@ -153,6 +155,19 @@ class Ensemble:
         return self._spec().mpp
 
     @property
+    def task(self) -> str:
+        """classify (p_atypical of a figure) or detect (p of a mitosis at a candidate)."""
+        return self._spec().task
+
+    def require_task(self, task: str, where: str) -> "Ensemble":
+        """Refuse, in one line naming the option, a detector where a classifier is wanted or the reverse."""
+        if self.spec is not None and self.task != task:
+            what = {"detect": "a detector (mitosis vs look-alike)", "classify": "a classifier (atypical vs normal)"}
+            raise MitotypeError(f"{{{where}}} {self.paths[0]}: is {what[self.task]}; "
+                                f"{what[task]} is needed here", options=(where,))
+        return self
+
+    @property
     def cards(self) -> list[dict[str, Any]]:
         return [m.card for m in self.members]
 
@@ -228,7 +243,7 @@ def _as_device(device: torch.device | str) -> torch.device:
 def _agreed_spec(members: Sequence[LoadedModel]) -> Spec:
     """The one spec all members share, else one line naming the first field they disagree on."""
     specs = [Spec.of(m) for m in members]
-    for field in ("patch_size", "size_policy", "mpp", "views"):
+    for field in ("task", "patch_size", "size_policy", "mpp", "views"):
         values = {getattr(s, field) for s in specs}
         if len(values) > 1:
             named = ", ".join(f"{m.path.name} {getattr(s, field)}" for m, s in zip(members, specs))
