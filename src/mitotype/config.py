@@ -65,6 +65,19 @@ class BBoxFormat(str, enum.Enum):
     xywh = "xywh"
 
 
+class PointFormat(str, enum.Enum):
+    """How a detection table is written (``detect --format``): see :mod:`mitotype.data.point_formats`.
+
+    csv: the table itself; geojson: a FeatureCollection of points QuPath imports; asap: ASAP XML
+    (one file per image); midog: a MIDOG-style COCO JSON that :func:`~mitotype.data.points.read_points`
+    reads back."""
+
+    csv = "csv"
+    geojson = "geojson"
+    asap = "asap"
+    midog = "midog"
+
+
 def _number(name: str, value: object, lo: float, hi: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise MitotypeError(f"augment.{name} must be a number, got {value!r}")

@@ -5,6 +5,9 @@ Understood formats (detected from the path)
   against ``images`` (a folder) or else the CSV's folder; ``filename``/``file_name``/``slide`` name
   the image column too;
 - the MitDet layout: a folder with ``png/NAME.png`` and ``csv/NAME.csv`` (x, y rows, header optional);
+- the ICPR 2012 (MITOS) layout: a folder of images with same-stem CSVs (``A00_01.bmp`` and
+  ``A00_01.csv``), no header, each line one mitosis as the flat list ``x1,y1,x2,y2,...`` of the
+  pixels it covers; the point is their centroid (see :func:`_read_icpr` for the x, y order);
 - a MIDOG-style COCO JSON (``.json``): ``images[]`` (id, file_name, width, height),
   ``annotations[]`` (image_id, bbox, category_id) and ``categories[]``; the point is the box centre.
   MIDOG writes boxes as ``[x1, y1, x2, y2]`` although COCO's convention is ``[x, y, w, h]``:
@@ -31,7 +34,9 @@ from mitotype.data.manifest import UNLABELLED, parse_label, read_csv_checked
 from mitotype.data.slides import is_slide, image_size
 from mitotype.errors import MitotypeError
 
-FORMATS = "a CSV (image, x, y[, label]), a MitDet folder (png/ + csv/) or a MIDOG/COCO JSON"
+FORMATS = ("a CSV (image, x, y[, label]), a MitDet folder (png/ + csv/), an ICPR 2012 folder (images with same-stem "
+           "pixel-list CSVs) or a MIDOG/COCO JSON")
+ICPR_IMAGE_SUFFIXES = (".bmp", ".png", ".tif", ".tiff", ".jpg", ".jpeg")  # preferred first when one stem has several
 IMAGE_NAMES = ("image", "filename", "file_name", "file", "slide")
 RESERVED = ("p_atypical", "true_label", "image_path")  # columns the output adds
 NON_MITOTIC = ("hard negative", "imposter", "non-mitotic", "nonmitotic", "non mitotic", "mimic")
@@ -56,6 +61,8 @@ def read_points(path: str | Path, images: str | Path | None = None, *, skip_miss
         raise MitotypeError(f"{{images}} {images}: not a folder", options=("images",))
     if path.is_dir() and (path / "png").is_dir() and (path / "csv").is_dir():
         points = _read_mitdet(path)
+    elif path.is_dir() and _icpr_pairs(path):
+        points = _read_icpr(path)
     elif path.is_file() and path.suffix.lower() == ".json":
         points = _read_coco(path, Path(images) if images else path.parent, bbox_format)
     elif path.is_file() and path.suffix.lower() == ".csv":
@@ -130,6 +137,74 @@ def _xy_rows(csv_path: Path) -> tuple[pd.DataFrame, int]:
         raise MitotypeError(f"{csv_path}: expected x, y columns (found {raw.shape[1]} column)")
     raw.columns = ["x", "y", *[f"col{i}" for i in range(2, raw.shape[1])]]
     return raw, 1
+
+
+def _icpr_pairs(folder: Path) -> dict[str, tuple[Path, Path]]:
+    """stem -> (image, csv) for each CSV of ``folder`` with a same-stem image beside it."""
+    pairs = {}
+    for csv_path in sorted(folder.glob("*.csv")):
+        images = {p.suffix.lower(): p for p in folder.glob(f"{_glob_literal(csv_path.stem)}.*") if p.is_file()}
+        image = next((images[s] for s in ICPR_IMAGE_SUFFIXES if s in images), None)
+        if image is not None and csv_path.is_file():
+            pairs[csv_path.stem] = (image, csv_path)
+    return pairs
+
+
+def _glob_literal(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
+
+
+def _read_icpr(folder: Path) -> PointTable:
+    """The ICPR 2012 mitosis layout: ``NAME.csv`` beside ``NAME.bmp`` (or .png/.tif/.jpg), no header,
+    one line per mitosis listing the pixels it covers as ``x1,y1,x2,y2,...``; the point is the mean
+    of those pixels. An empty CSV (or one of blank lines) is an image without mitoses. Only images
+    with a CSV are listed.
+
+    The order x (column) then y (row) is an assumption: the organisers' own description of the
+    files was not found; readers of the dataset in public code take the pairs as (x, y) and draw
+    them so (e.g. ``cv2.fillPoly``). MITOS 2012 frames are square or nearly so, so the bounds check
+    cannot tell a swapped order.
+    """
+    frames, where, paths, images = [], [], [], []
+    for image, csv_path in _icpr_pairs(folder).values():
+        rows, lines = [], []
+        try:
+            text = csv_path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise MitotypeError(f"{csv_path}: not a readable CSV ({type(err).__name__})") from None
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            rows.append(_icpr_line(line, csv_path, n))
+            lines.append(n)
+        if rows:
+            frames.append(pd.DataFrame({"image": image.name, "x": [r[0] for r in rows], "y": [r[1] for r in rows],
+                                        "n_pixels": [r[2] for r in rows]}))
+        where += [f"{csv_path} line {n}" for n in lines]
+        paths += [str(image)] * len(rows)
+        images.append((image.name, str(image)))
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["image", "x", "y", "n_pixels"])
+    return _finish(df, where, paths, images, "ICPR 2012 folder (images + pixel-list CSVs)")
+
+
+def _icpr_line(line: str, csv_path: Path, n: int) -> tuple[float, float, int]:
+    """The centroid (x, y) and pixel count of one ICPR line ``x1,y1,x2,y2,...`` (a trailing comma is allowed)."""
+    fields = [f.strip() for f in line.split(",")]
+    if fields and fields[-1] == "":
+        fields = fields[:-1]
+    values = []
+    for f in fields:
+        try:
+            values.append(int(f))
+        except ValueError:
+            raise MitotypeError(f"{csv_path} line {n}: '{f[:40]}' is not an integer pixel coordinate; "
+                                "expected x1,y1,x2,y2,... (ICPR 2012 pixel list)") from None
+    if any(v < 0 for v in values):
+        raise MitotypeError(f"{csv_path} line {n}: pixel coordinate {min(values)} is negative; expected pixels from the top left")
+    if not values or len(values) % 2:
+        raise MitotypeError(f"{csv_path} line {n}: {len(values)} value(s); expected an even number, x1,y1,x2,y2,... (ICPR 2012 pixel list)")
+    xy = np.asarray(values, dtype=np.float64).reshape(-1, 2)
+    return float(xy[:, 0].mean()), float(xy[:, 1].mean()), len(xy)
 
 
 def _read_coco(path: Path, folder: Path, bbox_format: str) -> PointTable:
