@@ -48,15 +48,6 @@ class SizePolicy(str, enum.Enum):
     resize = "resize"
 
 
-class PointFormat(str, enum.Enum):
-    """File formats for detections (``detect --format``)."""
-
-    csv = "csv"
-    geojson = "geojson"
-    asap = "asap"
-    midog = "midog"
-
-
 class BBoxFormat(str, enum.Enum):
     """How COCO-style boxes of a point file are read (``--bbox-format``): corners (MIDOG) or x, y, w, h."""
 

@@ -1,0 +1,231 @@
+"""The detector: candidates, labels, suppression, tiles that neither lose nor double a figure,
+resolution, cards that say what they are, and the `data candidates` / `detect` commands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import TINY, run_cli
+from scenes import scene, write_scenes
+
+from mitotype.config import CandidateConfig, load_config
+from mitotype.data.candidates import find_candidates, label_candidates, padded_crop
+from mitotype.data.slides import PlainSource
+from mitotype.errors import MitotypeError
+from mitotype.inference.detect import Detector, detect_source, suppress
+from mitotype.models.artifact import save_model
+from mitotype.models.registry import create_model
+
+
+class DarknessScorer:
+    """A stand-in network: p = how dark the centre of the patch is (the figures are the darkest
+    blobs of a scene), so what the detection code does around the network can be checked exactly."""
+
+    name = "darkness"
+
+    def p_atypical(self, batch_u8, tta: bool = False) -> np.ndarray:
+        batch = np.asarray(batch_u8, dtype=np.float32)
+        c = batch.shape[1] // 2
+        centre = batch[:, c - 3:c + 4, c - 3:c + 4].mean(axis=(1, 2, 3))
+        return np.clip((140.0 - centre) / 80.0, 0.0, 1.0).astype(np.float32)  # pale nuclei ~0.4, figures ~0.9
+
+
+@pytest.fixture
+def tiny_detector(tmp_path: Path) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    cfg = load_config("detector-lite0", TINY)
+    save_model(create_model(cfg.model), cfg, tmp_path / "detector", threshold=0.5, trained_on={}, metrics={})
+    return tmp_path / "detector"
+
+
+def darkness_detector(path: Path) -> Detector:
+    det = Detector.load(path, backend="torch", device="cpu")
+    det.scorer = DarknessScorer()
+    return det
+
+
+def test_candidates_reach_every_figure_darkest_first() -> None:
+    figures = [(60.0, 60.0), (190.0, 80.0), (120.0, 200.0)]
+    found = find_candidates(scene((256, 256), figures, seed=3), mpp=0.25, cfg=CandidateConfig())
+    for fx, fy in figures:
+        assert np.hypot(found["x"] - fx, found["y"] - fy).min() <= 3
+    assert list(found["od"]) == sorted(found["od"], reverse=True)
+    top3 = found.head(3)  # the figures are the darkest blobs
+    assert all(np.hypot(top3["x"] - fx, top3["y"] - fy).min() <= 3 for fx, fy in figures)
+
+
+def test_label_candidates_one_positive_per_figure_and_ambiguous_ones_left_out() -> None:
+    cands = pd.DataFrame({"x": [10.0, 14.0, 100.0, 40.0], "y": [10.0, 10.0, 100.0, 10.0]})
+    labels = label_candidates(cands, np.array([[12.5, 10.0]]), radius_px=30)
+    assert labels.tolist() == [-1, 1, 0, -1]  # nearest within 30 px is the mitosis; 40,10 is 27.5 px away
+
+
+def test_suppress_keeps_the_best_of_each_cluster() -> None:
+    xy = np.array([[0, 0], [10, 0], [50, 0], [55, 0], [200, 0]], dtype=float)
+    kept = suppress(xy, np.array([0.5, 0.9, 0.7, 0.8, 0.1]), radius_px=30)
+    assert kept.tolist() == [1, 3, 4]
+
+
+def test_padded_crop_is_centred_and_mirrors_outside() -> None:
+    img = np.arange(20 * 20 * 3, dtype=np.uint8).reshape(20, 20, 3)
+    crop = padded_crop(img, 10, 10, 8)
+    assert np.array_equal(crop, img[6:14, 6:14])
+    edge = padded_crop(img, 0, 0, 8)
+    assert np.array_equal(edge[4:, 4:], img[:4, :4]) and np.array_equal(edge[3, 4:], img[1, :4])  # reflected
+
+
+def test_tiles_give_the_same_detections_as_the_whole_image(tiny_detector: Path, tmp_path: Path) -> None:
+    figures = [(40.0, 40.0), (150.0, 70.0), (100.0, 230.0), (250.0, 250.0), (63.0, 150.0)]
+    img = scene((300, 280), figures, seed=5)
+    Image.fromarray(img).save(tmp_path / "scene.png")
+    det = darkness_detector(tiny_detector)
+    whole = det.detect_array(img)
+    source = PlainSource(tmp_path / "scene.png", 0.25)
+    tiled = detect_source(det, source, tile=64)
+    key = ["x", "y"]
+    assert len(whole) >= len(figures)
+    pd.testing.assert_frame_equal(tiled.sort_values(key).reset_index(drop=True), whole.sort_values(key).reset_index(drop=True))
+    for fx, fy in figures:
+        assert np.hypot(tiled["x"] - fx, tiled["y"] - fy).min() <= 3
+
+
+def test_detections_come_back_in_level0_pixels_of_a_finer_image(tiny_detector: Path, tmp_path: Path) -> None:
+    figures = [(60.0, 60.0), (180.0, 150.0)]
+    img = scene((240, 200), figures, seed=2)
+    big = np.asarray(Image.fromarray(img).resize((480, 400), Image.Resampling.BILINEAR))
+    Image.fromarray(big).save(tmp_path / "fine.png")
+    det = darkness_detector(tiny_detector)
+    found = detect_source(det, PlainSource(tmp_path / "fine.png", 0.125), tile=128)
+    for fx, fy in figures:
+        assert np.hypot(found["x"] - 2 * fx, found["y"] - 2 * fy).min() <= 6
+
+
+def test_a_detector_card_says_so_and_bad_candidate_settings_are_named(tiny_detector: Path) -> None:
+    card = json.loads((tiny_detector / "model.json").read_text())
+    assert card["build"]["task"] == "detect" and card["class_names"] == ["look-alike", "mitosis"]
+    assert card["build"]["candidates"]["min_od"] == CandidateConfig().min_od
+    from mitotype.models.card import read_card
+
+    for change, message in [({"min_od": -1}, "build.candidates.min_od"), ({"evil": 1}, "build.candidates.evil")]:
+        bad = json.loads(json.dumps(card))
+        bad["build"]["candidates"].update(change)
+        with pytest.raises(MitotypeError, match=message.replace(".", r"\.")):
+            read_card(bad, tiny_detector / "model.json")
+
+
+def test_classifier_and_detector_are_not_mixed_up(tiny_detector: Path, untrained: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    write_scenes(tmp_path / "scenes", n=1)
+    code, _, err = run_cli(monkeypatch, capsys, "detect", tmp_path / "scenes", "--model", untrained, "--out", tmp_path / "d.csv")
+    assert code == 2 and "--model" in err and "a classifier" in err
+    code, _, err = run_cli(monkeypatch, capsys, "detect", tmp_path / "scenes", "--model", tiny_detector, "--classifier",
+                           tiny_detector, "--out", tmp_path / "d.csv")
+    assert code == 2 and "--classifier" in err and "a detector" in err
+    code, _, err = run_cli(monkeypatch, capsys, "predict", tmp_path / "scenes", "--model", tiny_detector, "--out", tmp_path / "p.csv")
+    assert code == 2 and "a detector" in err
+
+
+def test_data_candidates_labels_against_the_truth(tmp_path: Path, monkeypatch, capsys) -> None:
+    truth = write_scenes(tmp_path / "scenes", n=3, per_image=3)
+    sets = [a for item in TINY for a in ("--set", item)]
+    code, out, err = run_cli(monkeypatch, capsys, "data", "candidates", tmp_path / "scenes" / "truth.csv", tmp_path / "set", *sets)
+    assert code == 0, err
+    m = pd.read_csv(tmp_path / "set" / "candidates.csv")
+    assert int(m["label"].sum()) == len(truth)  # one mitosis patch per figure
+    assert (m["label"] == 0).sum() <= 8 * len(truth) and (m["label"] == 0).sum() > 0
+    assert set(m["group"]) == {"slide_0", "slide_1"}
+    pos = m[m["label"] == 1]
+    for row in truth.itertuples():
+        near = pos[(pos["image"] == row.image)]
+        assert np.hypot(near["x"] - row.x, near["y"] - row.y).min() <= 3
+    assert Image.open(tmp_path / "set" / m["path"].iloc[0]).size == (32, 32)
+    summary = json.loads((tmp_path / "set" / "summary.json").read_text())
+    assert summary["candidate_recall"] == 1.0
+    code, _, err = run_cli(monkeypatch, capsys, "data", "candidates", tmp_path / "scenes" / "truth.csv", tmp_path / "set2",
+                           "--recipe", "lite0-quick")
+    assert code == 2 and "--recipe" in err and "not a detector recipe" in err
+    code, _, err = run_cli(monkeypatch, capsys, "data", "candidates", tmp_path / "scenes" / "truth.csv", tmp_path / "set", *sets)
+    assert code == 2 and "not empty" in err
+
+
+def test_detect_command_finds_the_figures_and_resumes(tiny_detector: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import mitotype.inference.detect as detect_module
+
+    truth = write_scenes(tmp_path / "scenes", n=3, per_image=3)
+    real_load = detect_module.Detector.load
+    monkeypatch.setattr(detect_module.Detector, "load", classmethod(lambda cls, *a, **k: _dark(real_load(*a, **k))))
+    out = tmp_path / "det.csv"
+    code, stdout, err = run_cli(monkeypatch, capsys, "detect", tmp_path / "scenes", "--model", tiny_detector, "--classifier", "none",
+                                "--out", out, "--backend", "torch", "--tile", "128")
+    assert code == 0, err
+    det = pd.read_csv(out)
+    assert list(det.columns) == ["image", "x", "y", "score"]
+    from mitotype.evaluation.detection import detection_counts
+
+    counts = detection_counts(det, truth, radius_px=30)["pooled"]
+    assert counts["tp"] == len(truth) and counts["fp"] == 0
+    # resume: a finished input's partial result is reused, not recomputed
+    assert not Path(str(out) + ".partial").exists()
+    import mitotype.workflows.detect as wf
+
+    again = tmp_path / "again.csv"
+    monkeypatch.setattr(wf, "detect_source", _fail_after(detect_module.detect_source, 1))
+    with pytest.raises(KeyboardInterrupt):
+        wf.detect(tiny_detector, tmp_path / "scenes", again, backend="torch", tile=128)
+    saved = json.loads((tmp_path / "again.csv.partial" / "run.json").read_text())
+    assert list(saved["done"]) == ["scene_0.png"] and not again.exists()
+    marker = tmp_path / "again.csv.partial" / saved["done"]["scene_0.png"]
+    pd.read_csv(marker).assign(score=0.99).to_csv(marker, index=False)
+    monkeypatch.setattr(wf, "detect_source", detect_module.detect_source)
+    with pytest.raises(MitotypeError, match="resume"):  # other options than the interrupted run
+        wf.detect(tiny_detector, tmp_path / "scenes", again, backend="torch", tile=256, resume=True)
+    table = wf.detect(tiny_detector, tmp_path / "scenes", again, backend="torch", tile=128, resume=True)
+    assert (table[table["image"] == "scene_0.png"]["score"] == 0.99).all() and len(table) == len(det)
+    assert pd.read_csv(again).equals(table.reset_index(drop=True)) or len(pd.read_csv(again)) == len(table)
+    code, _, err = run_cli(monkeypatch, capsys, "detect", tmp_path / "scenes", "--model", tiny_detector, "--classifier", "none",
+                           "--out", tmp_path / "x.csv", "--mpp", "-1")
+    assert code == 2 and "--mpp" in err
+
+
+def _dark(det: Detector) -> Detector:
+    det.scorer = DarknessScorer()
+    return det
+
+
+def _fail_after(fn, n: int):
+    calls = {"n": 0}
+
+    def wrapped(*a, **k):
+        if calls["n"] >= n:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return fn(*a, **k)
+
+    return wrapped
+
+
+def test_old_runs_without_the_detection_sections_still_resume(tmp_path: Path) -> None:
+    import yaml
+
+    from mitotype.config import Config, config_change, dump_config
+
+    saved = yaml.safe_load(dump_config(Config()))
+    del saved["task"], saved["candidates"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert config_change(tmp_path / "config.yaml", Config()) == ""
+    assert config_change(tmp_path / "config.yaml", load_config("detector-lite0")).startswith("candidates") or \
+        config_change(tmp_path / "config.yaml", load_config("detector-lite0")) != ""
+
+
+def test_bad_candidate_config_is_one_line() -> None:
+    with pytest.raises(MitotypeError, match=r"candidates\.nms_um"):
+        load_config("detector-lite0", ["candidates.nms_um=-3"])
+    with pytest.raises(MitotypeError, match="config task"):
+        load_config(None, ["task=segment"])
