@@ -90,10 +90,12 @@ class Detector:
         return scored.iloc[np.sort(keep)][["x", "y", "score"]].reset_index(drop=True)
 
 
-def detection_tiles(size: tuple[int, int], *, tile: int, margin: int, roi: tuple[int, int, int, int] | None = None) -> list[Tile]:
-    """Tiles over ``roi`` (x, y, w, h; default the whole ``size``) in detector pixels; overlap twice the margin."""
+def detection_tiles(size: tuple[int, int], *, tile: int, roi: tuple[int, int, int, int] | None = None) -> list[Tile]:
+    """Cores of ``tile`` px partitioning ``roi`` (x, y, w, h; default the whole ``size``) in detector
+    pixels; each is read with the detector's margin around it, so neighbouring reads overlap by
+    twice the margin (a candidate's patch plus the suppression radius, on each side)."""
     region = roi or (0, 0, size[0], size[1])
-    return tile_grid(region, tile=max(tile, 2 * margin + 1), overlap=2 * margin)
+    return tile_grid(region, tile=tile, overlap=0)
 
 
 def detect_source(
@@ -105,7 +107,7 @@ def detect_source(
     and ``tiles`` are in detector pixels; ``on_tile(done, total)`` hears each tile."""
     target = detector.mpp
     size = source.size_at(target)
-    grid = tiles if tiles is not None else detection_tiles(size, tile=tile, margin=detector.margin, roi=roi)
+    grid = tiles if tiles is not None else detection_tiles(size, tile=tile, roi=roi)
     floor = detector.threshold if min_score is None else min_score
     radius = detector.candidates.nms_um / target
     found = []
