@@ -13,6 +13,7 @@ at the classifier's resolution), as ``mitotype points`` would.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -68,18 +69,31 @@ class Detector:
 
     @property
     def margin(self) -> int:
-        """Pixels a tile is read beyond its core: a candidate's half patch plus the suppression radius."""
-        return self.ensemble.patch_size // 2 + int(math.ceil(self.candidates.nms_um / self.mpp))
+        """Pixels a tile is read beyond its core: a candidate's half patch beyond the candidates that can
+        sway suppression in the core (two suppression radii), so every patch scored holds real pixels."""
+        return self.ensemble.patch_size // 2 + int(math.ceil(2 * self.candidates.nms_um / self.mpp))
 
-    def score_candidates(self, rgb: np.ndarray, *, batch_size: int = INFERENCE_BATCH) -> pd.DataFrame:
-        """``x, y, od, score`` for every candidate of ``rgb`` (pixels at the detector's mpp)."""
+    def candidate_patches(self, rgb: np.ndarray, within: tuple[float, float, float, float] | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+        """``x, y, od`` of the candidates of ``rgb`` (pixels at the detector's mpp; only those inside
+        the box ``within`` = x0, y0, x1, y1 when given) and their patches."""
         cands = find_candidates(rgb, mpp=self.mpp, cfg=self.candidates)
-        scores = np.empty(len(cands), dtype=np.float64)
-        xs, ys, size = cands["x"].to_numpy(), cands["y"].to_numpy(), self.ensemble.patch_size
-        for s in range(0, len(cands), batch_size):
-            batch = np.stack([padded_crop(rgb, x, y, size) for x, y in zip(xs[s:s + batch_size], ys[s:s + batch_size])])
-            scores[s:s + batch_size] = self.scorer.p_atypical(batch)
-        return cands.assign(score=scores)
+        if within is not None:
+            x0, y0, x1, y1 = within
+            cands = cands[(cands["x"] >= x0) & (cands["x"] < x1) & (cands["y"] >= y0) & (cands["y"] < y1)].reset_index(drop=True)
+        size = self.ensemble.patch_size
+        crops = [padded_crop(rgb, x, y, size) for x, y in zip(cands["x"].to_numpy(), cands["y"].to_numpy())]
+        return cands, np.stack(crops) if crops else np.empty((0, size, size, 3), np.uint8)
+
+    def score(self, patches: np.ndarray, *, batch_size: int = INFERENCE_BATCH) -> np.ndarray:
+        scores = np.empty(len(patches), dtype=np.float64)
+        for s in range(0, len(patches), batch_size):
+            scores[s:s + batch_size] = self.scorer.p_atypical(patches[s:s + batch_size])
+        return scores
+
+    def score_candidates(self, rgb: np.ndarray) -> pd.DataFrame:
+        """``x, y, od, score`` for every candidate of ``rgb`` (pixels at the detector's mpp)."""
+        cands, patches = self.candidate_patches(rgb)
+        return cands.assign(score=self.score(patches))
 
     def detect_array(self, rgb: np.ndarray, *, min_score: float | None = None) -> pd.DataFrame:
         """``x, y, score`` of the figures in a whole image held in memory (pixels at the detector's mpp)."""
@@ -104,30 +118,40 @@ def detect_source(
     tiles: list[Tile] | None = None,
 ) -> pd.DataFrame:
     """``x, y, score`` in level-0 pixels of ``source``, tile by tile (see the module's note). ``roi``
-    and ``tiles`` are in detector pixels; ``on_tile(done, total)`` hears each tile."""
+    and ``tiles`` are in detector pixels; ``on_tile(done, total)`` hears each tile. A thread reads the
+    next tile and cuts its candidates' patches while the network scores this one."""
     target = detector.mpp
     size = source.size_at(target)
     grid = tiles if tiles is not None else detection_tiles(size, tile=tile, roi=roi)
     floor = detector.threshold if min_score is None else min_score
     radius = detector.candidates.nms_um / target
     found = []
-    for done, t in enumerate(grid, 1):
-        found.append(_detect_tile(detector, source, t, size, floor, radius))
-        if on_tile:
-            on_tile(done, len(grid))
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_prepare_tile, detector, source, grid[0], size) if grid else None
+        for done, t in enumerate(grid, 1):
+            cands, patches = pending.result()
+            pending = pool.submit(_prepare_tile, detector, source, grid[done], size) if done < len(grid) else None
+            found.append(_finish_tile(t, cands.assign(score=detector.score(patches)), floor, radius))
+            if on_tile:
+                on_tile(done, len(grid))
     table = pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=["x", "y", "score"])
     scale = target / source.level_mpps[0]  # detector pixels -> level-0 pixels
     return table.assign(x=table["x"].astype(float) * scale, y=table["y"].astype(float) * scale)
 
 
-def _detect_tile(detector: Detector, source: Source, t: Tile, size: tuple[int, int], floor: float, radius: float) -> pd.DataFrame:
-    """One tile read with ``detector.margin`` more on each side: its candidates near the core are
-    scored and suppressed together, and those its core owns are kept."""
-    m = detector.margin
+def _prepare_tile(detector: Detector, source: Source, t: Tile, size: tuple[int, int]) -> tuple[pd.DataFrame, np.ndarray]:
+    """One tile read with ``detector.margin`` more on each side (clipped to the image): its
+    candidates (in detector pixels of the whole image) and their patches."""
+    m, reach = detector.margin, 2 * detector.candidates.nms_um / detector.mpp  # a suppression chain of two links
     box = (max(0, t.x0 - m), max(0, t.y0 - m), min(size[0], t.x1 + m), min(size[1], t.y1 + m))
-    rgb = source.region(box, detector.mpp)
-    scored = detector.score_candidates(rgb)
-    scored = scored.assign(x=scored["x"] + box[0], y=scored["y"] + box[1])
+    cx0, cy0, cx1, cy1 = t.core
+    within = (cx0 - reach - box[0], cy0 - reach - box[1], cx1 + reach - box[0], cy1 + reach - box[1])
+    cands, patches = detector.candidate_patches(source.region(box, detector.mpp), within)
+    return cands.assign(x=cands["x"] + box[0], y=cands["y"] + box[1]), patches
+
+
+def _finish_tile(t: Tile, scored: pd.DataFrame, floor: float, radius: float) -> pd.DataFrame:
+    """Candidates near the core are suppressed together; those the core owns are kept."""
     cx0, cy0, cx1, cy1 = t.core
     near = (scored["x"] >= cx0 - radius) & (scored["x"] < cx1 + radius) & (scored["y"] >= cy0 - radius) & (scored["y"] < cy1 + radius)
     scored = scored[near & (scored["score"] >= floor)].reset_index(drop=True)
