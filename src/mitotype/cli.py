@@ -329,7 +329,7 @@ def data_candidates(
     scale = mpp or cfg.data.mpp or 0.25
     if not (0 < scale < 100):
         raise MitotypeError(f"{{mpp}} {scale}: expected microns per pixel in (0, 100)", options=("mpp",))
-    table = read_points(_existing(points, "points"), _existing(images, "--images") if images else None)
+    table = read_points(_existing(points, "points"), _existing(images, "--images") if images else None, negatives=True)
     m = write_candidate_set(table, out_folder, cfg=cfg.candidates, mpp=scale, patch_size=cfg.data.patch_size, seed=seed)
     n_pos = int(m["label"].sum())
     out.print(f"{len(m)} patches → {out_folder}/candidates.csv: {n_pos} mitosis, {len(m) - n_pos} look-alike "

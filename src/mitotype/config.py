@@ -286,7 +286,7 @@ class CandidateConfig:
     min_distance_um: float = 3.0  # peaks closer than this merge into one candidate
     nms_um: float = 7.5  # detections closer than this keep only the best (MIDOG's match radius)
     radius_um: float = 7.5  # a candidate within this of a true figure is a positive (training sets)
-    negatives_per_figure: int = 8  # look-alikes kept per true figure when building a training set
+    negatives_per_figure: int = 4  # look-alikes kept per true figure when building a training set
 
 
 @dataclass

@@ -91,8 +91,10 @@ def write_candidate_set(points: PointTable, out: Path, *, cfg: CandidateConfig, 
     (every figure must be annotated: an unannotated figure would be learnt as a look-alike), into
     ``out/patches/`` with the manifest ``out/candidates.csv`` (path, label, group, image, x, y, od,
     figure_found). Look-alikes are subsampled to ``cfg.negatives_per_figure`` per figure, half the
-    darkest (the hard ones) and half at random. Figures no candidate reached are counted in
-    ``out/summary.json`` (the finder's recall), not added: the detector could not find them either."""
+    darkest (the hard ones) and half at random; look-alikes a pathologist marked (a ``mitotic`` column
+    of 0, e.g. MIDOG's hard negatives read with ``negatives=True``) are always kept, at the candidate
+    nearest each. Figures no candidate reached are counted in ``out/summary.json`` (the finder's
+    recall), not added: the detector could not find them either."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise MitotypeError(f"{out}: the output folder is not empty; choose a new one")
@@ -102,18 +104,22 @@ def write_candidate_set(points: PointTable, out: Path, *, cfg: CandidateConfig, 
     rows, found, n_truth = [], 0, 0
     (out / "patches").mkdir(parents=True)
     group_col = next((c for c in ("slide", "group") if c in table.columns), None)
+    marked = table["mitotic"].to_numpy() == 0 if "mitotic" in table.columns else np.zeros(len(table), dtype=bool)
     for name, path in points.images:
-        truth = table[table["image_path"] == path]
+        here = (table["image_path"] == path).to_numpy()
+        truth, lookalikes = table[here & ~marked], table[here & marked]
         rgb = np.asarray(Image.open(path).convert("RGB"))
         cands = find_candidates(rgb, mpp=mpp, cfg=cfg)
         cands["label"] = label_candidates(cands, truth[["x", "y"]].to_numpy(np.float64), radius)
+        cands["marked"] = (label_candidates(cands, lookalikes[["x", "y"]].to_numpy(np.float64), radius) == 1) & (cands["label"] == 0)
         n_truth += len(truth)
         found += int((cands["label"] == 1).sum())
-        pos, neg = cands[cands["label"] == 1], cands[cands["label"] == 0]
+        pos, neg = cands[cands["label"] == 1], cands[(cands["label"] == 0) & ~cands["marked"]]
         keep = min(len(neg), cfg.negatives_per_figure * max(1, len(truth)))
-        hard = neg.iloc[: keep // 2]
+        hard = neg.iloc[: keep // 2]  # darkest first
         rest = neg.iloc[keep // 2:]
         easy = rest.iloc[rng.choice(len(rest), size=keep - len(hard), replace=False)] if keep > len(hard) else rest.iloc[:0]
+        hard = pd.concat([cands[cands["marked"]], hard])
         group = str(truth[group_col].mode().iloc[0]) if group_col and len(truth) else name
         for kind, part in (("mitosis", pos), ("lookalike", pd.concat([hard, easy]))):
             for x, y, od in part[["x", "y", "od"]].itertuples(index=False):

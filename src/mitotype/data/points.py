@@ -54,8 +54,12 @@ class PointTable:
 
 
 def read_points(path: str | Path, images: str | Path | None = None, *, skip_missing: bool = False,
-                bbox_format: str = "auto") -> PointTable:
-    """Read any understood point format, check every row and image, and return the point table."""
+                bbox_format: str = "auto", negatives: bool = False) -> PointTable:
+    """Read any understood point format, check every row and image, and return the point table.
+
+    MIDOG's hard-negative (look-alike) annotations are left out, with a warning, unless
+    ``negatives``: then they are kept, and a ``mitotic`` column says 1 for figures, 0 for them
+    (what a detector's training set wants: look-alikes a pathologist marked)."""
     path = Path(path)
     if images is not None and not Path(images).is_dir():
         raise MitotypeError(f"{{images}} {images}: not a folder", options=("images",))
@@ -64,7 +68,7 @@ def read_points(path: str | Path, images: str | Path | None = None, *, skip_miss
     elif path.is_dir() and _icpr_pairs(path):
         points = _read_icpr(path)
     elif path.is_file() and path.suffix.lower() == ".json":
-        points = _read_coco(path, Path(images) if images else path.parent, bbox_format)
+        points = _read_coco(path, Path(images) if images else path.parent, bbox_format, negatives)
     elif path.is_file() and path.suffix.lower() == ".csv":
         points = _read_csv(path, Path(images) if images else path.parent)
     elif not path.exists():
@@ -207,7 +211,7 @@ def _icpr_line(line: str, csv_path: Path, n: int) -> tuple[float, float, int]:
     return float(xy[:, 0].mean()), float(xy[:, 1].mean()), len(xy)
 
 
-def _read_coco(path: Path, folder: Path, bbox_format: str) -> PointTable:
+def _read_coco(path: Path, folder: Path, bbox_format: str, negatives: bool = False) -> PointTable:
     if bbox_format not in ("auto", "xyxy", "xywh"):
         raise MitotypeError(f"{{bbox_format}} '{bbox_format}': must be auto, xyxy or xywh", options=("bbox_format",))
     try:
@@ -235,18 +239,23 @@ def _read_coco(path: Path, folder: Path, bbox_format: str) -> PointTable:
         if im is None:
             raise MitotypeError(f"{path} annotations[{i}]: image_id {ann.get('image_id')!r} is not in images[]")
         name = cats.get(ann.get("category_id"), "")
-        if any(word in name.lower() for word in NON_MITOTIC):
+        mitotic = not any(word in name.lower() for word in NON_MITOTIC)
+        if not mitotic and not negatives:
             dropped += 1
             continue
         x0, y0, a, b = (float(v) for v in ann["bbox"])
         x, y = ((x0 + a) / 2, (y0 + b) / 2) if corners else (x0 + a / 2, y0 + b / 2)
-        rows.append({"image": im["file_name"], "x": x, "y": y, "label": _category_label(name),
+        rows.append({"image": im["file_name"], "x": x, "y": y, "label": _category_label(name) if mitotic else UNLABELLED,
+                     "mitotic": int(mitotic),
                      "annotation_id": ann.get("id", i), "image_id": ann.get("image_id"), "category": name,
                      "_w": im.get("width"), "_h": im.get("height")})
         where.append(f"{path} annotations[{i}]")
     if dropped:
         warnings.warn(f"{path}: left out {dropped} non-mitotic annotation(s) (hard negatives / imposters)", stacklevel=3)
-    df = pd.DataFrame(rows, columns=["image", "x", "y", "label", "annotation_id", "image_id", "category", "_w", "_h"])
+    columns = ["image", "x", "y", "label", "mitotic", "annotation_id", "image_id", "category", "_w", "_h"]
+    df = pd.DataFrame(rows, columns=columns)
+    if not negatives:
+        df = df.drop(columns="mitotic")
     for i, (w, h, x, y) in enumerate(zip(df["_w"], df["_h"], df["x"], df["y"])):
         if _finite(w) and _finite(h) and not (x < w and y < h):
             raise MitotypeError(f"{where[i]}: point ({x:g}, {y:g}) lies outside the {w}x{h} image")
