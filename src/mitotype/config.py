@@ -257,7 +257,8 @@ class TrainConfig:
     weight_decay: float = 1e-2
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01  # cosine decays to lr * this
-    sampler: str = "balanced"  # balanced (classes drawn equally often) | shuffle
+    sampler: str = "balanced"  # balanced (classes drawn equally often) | shuffle | diverse (DGSB: classes, then clusters within each, equally)
+    diverse_clusters: int = 8  # sampler diverse: k-means clusters per class
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     ema_decay: float = 0.0  # exponential moving average of the weights (e.g. 0.999; 0 = off): validated and saved instead of the raw weights
     patience: int = 0  # early stopping on validation balanced accuracy (0 = off)
@@ -452,7 +453,7 @@ _CHOICES = {
     ("data", "on_bad_image"): ("error", "skip"),
     ("loss", "name"): ("ce", "focal", "bce"),
     ("train", "optimizer"): ("adamw", "adam"),
-    ("train", "sampler"): ("balanced", "shuffle"),
+    ("train", "sampler"): ("balanced", "shuffle", "diverse"),
 }
 
 
@@ -480,7 +481,7 @@ def validate_config(cfg: Config) -> None:
     if isinstance(cfg.train.threshold, float) and not 0 < cfg.train.threshold < 1:
         raise MitotypeError(f"config train.threshold: {cfg.train.threshold} must be in (0, 1)")
     ranges = {
-        "train.epochs": (1, None), "train.batch_size": (1, None), "train.eval_batch_size": (1, None),
+        "train.epochs": (1, None), "train.batch_size": (1, None), "train.diverse_clusters": (1, 1000), "train.eval_batch_size": (1, None),
         "train.lr": (1e-12, None), "train.weight_decay": (0, None), "train.warmup_epochs": (0, None),
         "train.min_lr_ratio": (0, 1), "train.patience": (0, None), "train.grad_clip": (0, None),
         "train.backbone_lr_scale": (0, None), "train.ema_decay": (0, 0.999999), "loss.label_smoothing": (0, 0.999), "loss.focal_alpha": (0, 1),

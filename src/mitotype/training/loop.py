@@ -36,6 +36,7 @@ from mitotype.models.registry import MitotypeModel, create_model
 from mitotype.training.checkpoint import load_checkpoint, save_checkpoint
 from mitotype.training.features import feature_view
 from mitotype.training.losses import HeadLoss, head_targets, require_targets
+from mitotype.training.sampling import centre_descriptors, diverse_weights, diversity_clusters
 from mitotype.training.schedule import warmup_cosine
 from mitotype.transforms.augment import BatchAugment
 from mitotype.transforms.batch import build_batch
@@ -58,9 +59,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_order(labels: np.ndarray, sampler: str, generator: torch.Generator) -> np.ndarray:
+def epoch_order(labels: np.ndarray, sampler: str, generator: torch.Generator, clusters: np.ndarray | None = None) -> np.ndarray:
     """Positions for one epoch. ``balanced`` draws each class equally often (with replacement), so
-    the rare atypical class is seen as often as the normal one without a weighted loss."""
+    the rare atypical class is seen as often as the normal one without a weighted loss; ``diverse``
+    (DGSB, :mod:`mitotype.training.sampling`) also splits each class's share evenly among ``clusters``."""
+    if sampler == "diverse":
+        if clusters is None:
+            raise MitotypeError("train.sampler=diverse needs the rows' clusters")
+        weights = torch.from_numpy(diverse_weights(labels, clusters))
+        return torch.multinomial(weights, len(labels), replacement=True, generator=generator).numpy()
     if sampler == "balanced":
         counts = np.bincount(labels, minlength=2).astype(np.float64)
         weights = torch.from_numpy(1.0 / counts[labels])
@@ -150,13 +157,17 @@ def fit(
         _restore(ckpt_path, state, model, optimizer, scheduler, ema, device)
         console.log(f"resumed {run_dir} at epoch {state.start_epoch}/{t.epochs}")
 
+    clusters = None
+    if t.sampler == "diverse":  # deterministic for a seed, so a resumed run draws the same clusters
+        features = centre_descriptors(store, train_idx, centre=cfg.model.center_crop)
+        clusters = diversity_clusters(features, labels[train_idx], k=t.diverse_clusters, seed=t.seed)
     started = time.perf_counter()
     progress = progress_bar("patches", show_progress, extra="loss")
     with progress:
         for epoch in range(state.start_epoch, t.epochs):
             if state.best["bad_epochs"] >= t.patience > 0:
                 break
-            order = train_idx[epoch_order(labels[train_idx], t.sampler, state.sample_gen)]
+            order = train_idx[epoch_order(labels[train_idx], t.sampler, state.sample_gen, clusters)]
             task = progress.add_task(f"epoch {epoch + 1}/{t.epochs}", total=len(order), loss="")
             tic = time.perf_counter()
             loss_sum = _train_epoch(cfg, model, source, order, targets_all, criterion, optimizer, scheduler, ema,
