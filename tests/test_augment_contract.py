@@ -162,7 +162,8 @@ def test_batch_augment_defaults_to_flips_and_rot90_and_repr_lists_the_config():
     cfg = AugmentConfig(rotate_degrees=15, crop_scale=(0.5, 1), hue=0.1, p=0.5)
     assert BatchAugment(cfg).extra_repr() == (
         "flip=True, rot90=True, rotate_degrees=15.0, crop_scale=(0.5, 1.0), brightness=0.0, contrast=0.0, "
-        "saturation=0.0, hue=0.1, hed_sigma=0.0, hed_bias=0.0, p=0.5, jpeg_p=0.0, jpeg_quality=(70, 95)"
+        "saturation=0.0, hue=0.1, hed_sigma=0.0, hed_bias=0.0, p=0.5, jpeg_p=0.0, jpeg_quality=(70, 95), "
+        "stain_mix_p=0.0, stain_mix_max=1.0"
     )
 
 

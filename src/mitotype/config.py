@@ -97,6 +97,11 @@ class AugmentConfig:
     # drawn in [lo, hi] (whole-slide images are JPEG tiles; training PNGs are not). 0 = off.
     jpeg_p: float = 0.0
     jpeg_quality: tuple[int, int] = (70, 95)
+    # Stain mixing (UnSA), after everything else: with probability stain_mix_p an image's own stain
+    # vectors (estimated without labels, Macenko) move U(0, stain_mix_max) of the way to another
+    # image's of the batch (1: swapped). Off by default.
+    stain_mix_p: float = 0.0
+    stain_mix_max: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("flip", "rot90"):
@@ -110,6 +115,8 @@ class AugmentConfig:
         self.hed_bias = _number("hed_bias", self.hed_bias, 0.0, 1.0)
         self.p = _number("p", self.p, 0.0, 1.0)
         self.jpeg_p = _number("jpeg_p", self.jpeg_p, 0.0, 1.0)
+        self.stain_mix_p = _number("stain_mix_p", self.stain_mix_p, 0.0, 1.0)
+        self.stain_mix_max = _number("stain_mix_max", self.stain_mix_max, 0.0, 1.0)
         q = self.jpeg_quality
         if isinstance(q, (str, bytes)) or not hasattr(q, "__len__") or len(q) != 2:
             raise MitotypeError(f"augment.jpeg_quality must be a pair [min, max], got {q!r}")
@@ -156,8 +163,12 @@ class AugmentConfig:
         return self.jpeg_p > 0
 
     @property
+    def stain_mix_on(self) -> bool:
+        return self.stain_mix_p > 0 and self.stain_mix_max > 0
+
+    @property
     def is_identity(self) -> bool:
-        return not (self.geometry_on or self.colour_on or self.jpeg_on)
+        return not (self.geometry_on or self.colour_on or self.jpeg_on or self.stain_mix_on)
 
 
 

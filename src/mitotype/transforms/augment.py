@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from mitotype.config import AugmentConfig, _number  # noqa: F401 (AugmentConfig: re-exported)
 from mitotype.errors import MitotypeError
 from mitotype.transforms.stain import hed_jitter_matrices
+from mitotype.transforms.stain_mix import stain_mix
 
 __all__ = ["AugmentConfig", "BatchAugment", "affine_grid", "dihedral_views"]
 
@@ -181,7 +182,20 @@ class BatchAugment(torch.nn.Module):
         if cfg.colour_on:
             flat, owned = self._colour(flat, u, owned)
         out = flat.clamp_(0.0, 1.0).view(b, c, h, w) if owned else x  # not owned: nothing changed so far
-        return self._jpeg(out, generator) if cfg.jpeg_on else out
+        out = self._jpeg(out, generator) if cfg.jpeg_on else out
+        return self._stain_mix(out, generator) if cfg.stain_mix_on else out
+
+    def _stain_mix(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """UnSA (:mod:`mitotype.transforms.stain_mix`): each chosen image's stains move toward a
+        random other image's; drawn last, so configs without it keep their random stream."""
+        b = x.shape[0]
+        chosen = torch.rand(b, generator=generator) < self.cfg.stain_mix_p
+        amount = torch.rand(b, generator=generator) * self.cfg.stain_mix_max
+        partner = torch.randperm(b, generator=generator)
+        if not chosen.any() or b < 2:
+            return x
+        dev = x.device
+        return stain_mix(x, partner.to(dev), amount.to(dev), chosen.to(dev))
 
     def _jpeg(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """JPEG re-compression of the chosen samples at their drawn quality, through uint8 like a real
