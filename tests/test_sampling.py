@@ -51,3 +51,30 @@ def test_a_run_with_the_diverse_sampler_records_its_clusters_in_the_draws(amibr,
     code, _, err = run_cli(monkeypatch, capsys, "train", "--data", amibr, "--recipe", "lite0-quick", "--out", tmp_path / "run", *sets)
     assert code == 0, err
     assert seen["sampler"] == "diverse" and len(set(seen["clusters"].tolist())) == 6  # 3 per class
+
+
+def test_incdp_rewards_classes_apart_and_spread_within() -> None:
+    from mitotype.training.losses import diversity_loss
+
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    apart_spread = torch.tensor([[1, 0.3, 0], [1, -0.3, 0], [1, 0, 0.3], [-1, 0.3, 0], [-1, -0.3, 0], [-1, 0, 0.3]])
+    apart_collapsed = torch.tensor([[1.0, 0, 0]] * 3 + [[-1.0, 0, 0]] * 3)
+    together = torch.tensor([[1, 0.3, 0], [1, -0.3, 0], [1, 0, 0.3]] * 2)
+    a, b, c = (float(diversity_loss(f, labels)) for f in (apart_spread, apart_collapsed, together))
+    assert a < b and a < c
+    f = apart_spread.clone().requires_grad_()
+    diversity_loss(f, labels).backward()
+    assert f.grad is not None and f.grad.abs().sum() > 0
+
+
+def test_a_run_with_incdp_adds_the_term_to_the_loss(amibr, tmp_path, monkeypatch, capsys) -> None:
+    import mitotype.training.loop as loop
+    from conftest import TINY, run_cli
+
+    calls = []
+    real = loop.diversity_loss
+    monkeypatch.setattr(loop, "diversity_loss", lambda f, y: calls.append(f.shape) or real(f, y))
+    sets = [a for item in (*TINY, "train.epochs=1", "loss.incdp_weight=0.5") for a in ("--set", item)]
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--data", amibr, "--recipe", "lite0-quick", "--out", tmp_path / "run", *sets)
+    assert code == 0, err
+    assert calls and all(len(s) == 2 for s in calls)  # (batch, features) from the heads' input

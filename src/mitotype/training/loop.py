@@ -35,7 +35,7 @@ from mitotype.progress import console, progress_bar
 from mitotype.models.registry import MitotypeModel, create_model
 from mitotype.training.checkpoint import load_checkpoint, save_checkpoint
 from mitotype.training.features import feature_view
-from mitotype.training.losses import HeadLoss, head_targets, require_targets
+from mitotype.training.losses import HeadLoss, diversity_loss, head_targets, require_targets
 from mitotype.training.sampling import centre_descriptors, diverse_weights, diversity_clusters
 from mitotype.training.schedule import warmup_cosine
 from mitotype.transforms.augment import BatchAugment
@@ -219,6 +219,11 @@ def _train_epoch(cfg: Config, model: MitotypeModel, store: BatchSource, order: n
     t = cfg.train
     model.train()
     loss_sum = torch.zeros((), device=device)
+    seen: dict[str, torch.Tensor] = {}
+    hook = None
+    if cfg.loss.incdp_weight > 0:  # the features the heads read, for the InCDP term
+        first_head = next(iter(model.heads.values()))
+        hook = first_head.register_forward_pre_hook(lambda _m, args: seen.__setitem__("features", args[0]))
     steps = math.ceil(len(order) / t.batch_size)
     for step in range(steps):
         rows = order[step * t.batch_size : (step + 1) * t.batch_size]
@@ -227,6 +232,9 @@ def _train_epoch(cfg: Config, model: MitotypeModel, store: BatchSource, order: n
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.amp and device.type == "cuda"):
             outputs = model(batch)
         loss = criterion(outputs, targets)
+        if hook is not None:
+            label_col = next(iter(model.head_specs.values())).target
+            loss = loss + cfg.loss.incdp_weight * diversity_loss(seen["features"], targets[label_col])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if t.grad_clip > 0:
@@ -238,6 +246,8 @@ def _train_epoch(cfg: Config, model: MitotypeModel, store: BatchSource, order: n
         loss_sum += loss.detach()
         if step % 10 == 0 or step == steps - 1:
             report(min(len(order), (step + 1) * t.batch_size), f"loss {loss_sum.item() / (step + 1):.4f}")
+    if hook is not None:
+        hook.remove()
     return float(loss_sum.item())
 
 

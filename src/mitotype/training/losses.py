@@ -123,3 +123,27 @@ class HeadLoss(nn.Module):
                 loss = F.cross_entropy(class_logits(logits), target, weight=weight if weight.numel() else None, label_smoothing=self.cfg.label_smoothing)
             total = total + head.weight * loss
         return total
+
+
+def diversity_loss(features: torch.Tensor, labels: torch.Tensor, *, temperature: float = 2.0) -> torch.Tensor:
+    """InCDP (after MitDet, arXiv 2307.05889): keep the classes apart without collapsing either.
+
+    On L2-normalised features: the cosine similarity of the two class means (inter-class: lower is
+    farther apart) plus, per class, the log mean Gaussian potential between its members (Wang &
+    Isola's uniformity: lower is more spread, so the variety of phases and look-alikes inside a
+    class is kept rather than squeezed into one point). Rows of a class alone in the batch add nothing.
+    """
+    z = nn.functional.normalize(features.float().flatten(1), dim=1)
+    total = z.sum() * 0.0
+    means = []
+    for c in (0, 1):
+        zc = z[labels == c]
+        if len(zc) >= 2:
+            d2 = torch.cdist(zc, zc).pow(2)
+            off = ~torch.eye(len(zc), dtype=torch.bool, device=z.device)
+            total = total + torch.log(torch.exp(-temperature * d2[off]).mean())
+        if len(zc):
+            means.append(zc.mean(dim=0))
+    if len(means) == 2:
+        total = total + nn.functional.cosine_similarity(means[0], means[1], dim=0)
+    return total
