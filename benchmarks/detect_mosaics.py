@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _areas(info: dict, key: str, names: list[str]) -> dict[str, float]:
-    per = {im["image"]: im[key] for im in info["images"]} if isinstance(info.get("images"), list) else info[key]
+    per = {im["image"]: im[key] for im in info["per_image"]}
     return {n: float(per[n]) for n in names}
 
 
@@ -124,7 +124,7 @@ def chained(args: argparse.Namespace, hits: pd.DataFrame, t_rows: pd.DataFrame, 
     dets = hits[["image", "x", "y", "score"]].reset_index(drop=True)
     paths = {n: str(args.mosaics / n) for n in dets["image"].unique()}
     p_chain = classify_detections(dets, paths, ensemble, scorer)["p_atypical"].to_numpy()
-    src_col = next(c for c in ("source_path", "path", "patch") if c in truth.columns)
+    src_col = next(c for c in ("source", "source_path", "path") if c in truth.columns)
     p_patch = np.concatenate([scorer.p_atypical(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in chunk]))
                               for chunk in np.array_split(t_rows[src_col].to_numpy(), max(1, len(t_rows) // 32))])
     a, b = (binary_metrics(y, p, ensemble.threshold) for p in (p_chain, p_patch))

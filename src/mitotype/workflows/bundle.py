@@ -28,12 +28,13 @@ from mitotype.models.ensemble import Ensemble
 
 
 def bundle_run(run: Path, out: Path, *, command: str = "", half: bool = True, domain_run: Path | None = None,
-               oof_thresholds: bool = False) -> dict[str, Any]:
+               oof_thresholds: bool = False, evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
     """Copy the fold models of cv run ``run`` into ``out`` (weights in float16 when ``half``), with
     each card converted to the current format and ``bundle.json`` summarising the run; ``domain_run``,
     the same recipe's leave-one-source-out cv run (``--group-by``), adds its per-source figures.
     ``oof_thresholds`` gives each fold model the threshold best on the other folds' out-of-fold
-    predictions (what ``train.threshold=oof`` does in ``cv``), for a run trained at a fixed one."""
+    predictions (what ``train.threshold=oof`` does in ``cv``), for a run trained at a fixed one.
+    ``evaluation`` (e.g. a detector's figures on held-out mosaics) is kept in ``bundle.json`` as given."""
     folds = model_dirs(run)
     summary_path = Path(run) / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
@@ -61,6 +62,8 @@ def bundle_run(run: Path, out: Path, *, command: str = "", half: bool = True, do
     }
     if held is not None:
         info["leave_one_source_out"] = held
+    if evaluation is not None:
+        info["evaluation"] = evaluation
     if fitted is not None:
         info["threshold_rule"], info["cv_at_oof_thresholds"] = CROSS_FITTED_RULE, fitted
     write_json(staging / BUNDLE_INFO, info)
