@@ -270,7 +270,7 @@ def test_baseline_script_scores_every_baseline(patches: Path, tmp_path: Path) ->
     saved = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert saved["baselines"] == json.loads(json.dumps(report["baselines"]))
     names = {r["baseline"] for r in saved["baselines"]}
-    assert {"grid", "random", "tile_centres", "tile_junctions", "paste_ring_gradient", "paste_ring_colour", "dark_blobs"} == names
+    assert {"grid", "random", "tile_centres", "tile_junctions", "paste_ring_gradient", "paste_ring_colour", *mosaic_baselines.REFERENCE} == names
     assert saved["seed"] == 1 and saved["cpu"] and "mosaic_baselines.py" in saved["command"]
     blobs = next(r for r in saved["baselines"] if r["baseline"] == "dark_blobs")
     assert blobs["f1"] > 0.8  # the synthetic figures are the darkest things there

@@ -24,7 +24,9 @@ How an image is made (all geometry in pixels at 0.25 µm/px)
   that its rim has the local background's mean colour; it is opaque inside :data:`CORE_RADIUS` px and
   joins the background along a minimum-error closed path in the annulus :data:`CUT_RADII` (so its edge
   is no circle), with a cosine ramp across that path: nothing of the patch lies beyond
-  :data:`DISC_RADIUS` px. A patch's black padding is left transparent.
+  :data:`DISC_RADIUS` px. That path switches the fine detail only; the coarse band (colour and shading,
+  Gaussian sigma :data:`LOW_SIGMA`) fades from the disc to the background over :data:`LOW_RAMP` px, so
+  no step of local mean marks the edge. A patch's black padding is left transparent.
 - Positions: uniform, at least :data:`BORDER` px from the image border and :data:`MIN_DISTANCE` px
   from each other. A truth point is the pasted patch centre (pixel ``P // 2, P // 2`` of a P x P patch,
   64, 64 for 128 px), which rotation leaves at the disc's centre.
@@ -63,6 +65,8 @@ CORE_RADIUS = 26  # px: the disc is the patch's own inside this radius
 CUT_RADII = (29, 40)  # px: the disc's edge (a closed minimum-error path) runs in this annulus
 DISC_FEATHER = 3  # px: cosine ramp half-width across the disc's edge
 DISC_RADIUS = CUT_RADII[1] + DISC_FEATHER  # 43 px: nothing of the figure's patch lies farther out
+LOW_SIGMA = 4.0  # px: the coarse band of the two-band blend
+LOW_RAMP = (24, DISC_RADIUS)  # px: the coarse band fades from the disc to the background over these radii
 BORDER = 48  # px: figures at least this far from the image border
 MIN_DISTANCE = 90  # px: figures at least this far from each other (their discs never touch)
 TILE_SIZES = (28, 40)  # px: quilting tile side range (the corner blocks are 40 px for 128 px patches)
@@ -522,8 +526,20 @@ def _paste(image: np.ndarray, patches: _Patches, row: int, cx: int, cy: int, ang
         fwd = _rotation(angle)
         for nx, ny in rel @ fwd.T:
             err = err + 1e3 * (err.mean() + 1) * (np.hypot(dx - nx, dy - ny) < 20)
-    alpha = _disc_alpha(err, dx, dy, rng) * (1 - np.clip(pad, 0, 1))
-    image[cy - r:cy + r + 1, cx - r:cx + r + 1] = alpha[..., None] * disc + (1 - alpha[..., None]) * bg
+    alpha = _disc_alpha(err, dx, dy, rng)
+    image[cy - r:cy + r + 1, cx - r:cx + r + 1] = _blend(disc, bg, alpha, dist, np.clip(pad, 0, 1))
+
+
+def _blend(disc: np.ndarray, bg: np.ndarray, alpha: np.ndarray, dist: np.ndarray, pad: np.ndarray) -> np.ndarray:
+    """Two-band blend: fine detail switches along the cut (``alpha``), while the coarse band (colour and
+    shading, Gaussian sigma LOW_SIGMA) fades from the disc to the background over [LOW_RAMP] px, so no
+    step of local mean or a dip of contrast marks the disc's edge. Padding is background in both bands."""
+    keep = (1 - pad)[..., None]
+    disc = keep * disc + (1 - keep) * bg
+    low_d, low_b = (ndimage.gaussian_filter(x, (LOW_SIGMA, LOW_SIGMA, 0), mode="nearest") for x in (disc, bg))
+    a_low = (_ramp((2 * dist - LOW_RAMP[0] - LOW_RAMP[1]) / (LOW_RAMP[0] - LOW_RAMP[1])) * keep[..., 0])[..., None]
+    a_high = (alpha * keep[..., 0])[..., None]
+    return a_low * low_d + (1 - a_low) * low_b + a_high * (disc - low_d) + (1 - a_high) * (bg - low_b)
 
 
 def _disc_alpha(err: np.ndarray, dx: np.ndarray, dy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
