@@ -123,6 +123,49 @@ def data_augment_amf(
               f"(seed {seed}); read as {s.layout}", markup=False)
 
 
+@data_app.command("mosaic")
+def data_mosaic(
+    patches: Path = typer.Argument(..., metavar="PATCHES", help="Labelled patches (any layout mitotype reads), a figure at each centre."),
+    out_folder: Path = typer.Argument(..., metavar="OUT", help="New or empty folder: mosaic_NNNN.png, truth.csv, mosaics.json."),
+    seed: int = typer.Option(..., "--seed", help="Seed of every draw; the same seed and patches write identical images."),
+    folds: Optional[int] = typer.Option(None, "--folds", "-k", help="With --fold / --exclude-fold: the grouped K-fold split of "
+                                        "`mitotype cv --folds K` (default 5)."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="Only the patches of held-out fold I (validation mosaics)."),
+    exclude_fold: Optional[int] = typer.Option(None, "--exclude-fold", help="All patches but those of fold I (training mosaics)."),
+    images: Optional[int] = typer.Option(None, "--images", help="Number of images (default: enough to paste every patch once)."),
+    size: int = typer.Option(1024, "--size", help="Image side in px (at the patches' 0.25 um/px)."),
+    figures: int = typer.Option(8, "--figures", help="Figures per image at most (one slide per image)."),
+    recipe: str = typer.Option(DEFAULT_RECIPE, "--recipe", "-r", help="With --fold / --exclude-fold: the recipe whose split seed and "
+                               "strata cv uses."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the mosaics a previous run wrote in OUT."),
+    skip_missing: bool = SkipMissingOpt,
+) -> None:
+    """Validation images for a mitosis detector: figures pasted into figure-free tissue, with truth.csv for evaluate-detections."""
+    from mitotype.data.mosaic import check_mosaic_folder, select_fold, write_mosaics
+    from mitotype.data.readers import read_dataset
+    from mitotype.progress import progress_bar
+
+    if fold is not None and exclude_fold is not None:
+        raise MitotypeError("--fold and --exclude-fold both choose the patches; give one of them")
+    if folds is not None and fold is None and exclude_fold is None:
+        raise MitotypeError(f"--folds {folds}: give --fold I or --exclude-fold I with it")
+    check_mosaic_folder(out_folder, overwrite=overwrite)
+    manifest = read_dataset(_existing(patches, "PATCHES"), skip_missing=skip_missing).manifest
+    selection: dict = {"patches": str(patches)}
+    if fold is not None or exclude_fold is not None:
+        cfg = _config(recipe, None)
+        k = 5 if folds is None else folds
+        manifest = select_fold(manifest, folds=k, fold=fold, exclude_fold=exclude_fold, split_seed=cfg.data.split_seed, stratify=cfg.data.stratify)
+        selection.update(folds=k, fold=fold, exclude_fold=exclude_fold, split_seed=cfg.data.split_seed, stratify=list(cfg.data.stratify),
+                         recipe=cfg.recipe)
+    with progress_bar("images", transient=True) as bar:
+        task = bar.add_task("mosaics", total=images)
+        s = write_mosaics(manifest, out_folder, n_images=images, size=size, figures_per_image=figures, seed=seed, overwrite=overwrite,
+                          selection=selection, progress=lambda n: bar.advance(task, n))
+    out.print(f"{s['n_images']} mosaics of {size} px, {s['n_figures']} figures ({s['n_atypical']} atypical, {s['n_normal']} normal) from "
+              f"{s['n_slides']} slide(s) → {out_folder}/truth.csv (seed {seed})", markup=False)
+
+
 @app.command()
 def train(
     data: Path = typer.Option(..., "--data", "-d", help="Training dataset (folder or CSV)."),
@@ -660,7 +703,7 @@ def _print_cv(summary: dict, out_dir: Path) -> None:
 def _flag(option: str) -> str:
     """The flag of a library parameter named in an error (skip_missing -> --skip-missing)."""
     flags = {"out_dir": "--out", "out_csv": "--out", "train_data": "--train", "fmt": "--format", "out_file": "OUT",
-             "explain_dir": "OUT_DIR", "out_folder": "OUT"}
+             "explain_dir": "OUT_DIR", "out_folder": "OUT", "n_images": "--images", "figures_per_image": "--figures"}
     return flags.get(option, "--" + option.replace("_", "-"))
 
 
