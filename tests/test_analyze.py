@@ -108,8 +108,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def standins(monkeypatch: pytest.MonkeyPatch):
     """Models load as usual, then score with the stand-ins, so what analyze does around the networks is checked exactly."""
     real = Models.load.__func__  # type: ignore[attr-defined]
+    loads: list[str] = []
 
     def load(cls, spec):
+        loads.append(wf._worker_id())
         loaded = real(cls, spec)
         loaded.detector.scorer = DarknessScorer()
         if loaded.classifier is not None:
@@ -118,7 +120,7 @@ def standins(monkeypatch: pytest.MonkeyPatch):
 
     monkeypatch.setattr(Models, "load", classmethod(load))
     wf.clear_model_cache()
-    yield
+    yield loads
     wf.clear_model_cache()
 
 
@@ -223,31 +225,31 @@ def test_analyze_equals_detect_on_the_same_pixels(slide: Path, models, tmp_path:
 
 
 def test_the_tissue_mask_otsu_none_a_file_and_a_slide_without_tissue(tmp_path: Path, models, standins, monkeypatch, capsys) -> None:
-    figs = [(300.0, 300.0), (700.0, 600.0), (1500.0, 500.0)]  # the last on glass-free tissue only with --tissue-mask none
-    img = draw_slide((2048, 1024), figs[:2], tissue=[(64, 64, 960, 960)])
-    img[400:600, 1400:1600] = draw_slide((200, 200), [(100.0, 100.0)])  # a second, small island
+    figs = [(300.0, 300.0), (700.0, 600.0), (990.0, 500.0), (1500.0, 500.0)]  # the last on a small island of its own
+    img = draw_slide((2048, 1024), figs[:3], tissue=[(64, 64, 1100, 960)])
+    img[400:600, 1400:1600] = draw_slide((200, 200), [(100.0, 100.0)])
     write_pyramid(tmp_path / "s.tif", img, mpp=MPP)
     det, cls = models
     spec = wf.ModelSpec(det, cls, backend="torch")
     otsu = analyze_slide(tmp_path / "s.tif", tmp_path / "otsu", models=Models.load(spec), options=AnalyzeOptions(tile=256))
-    tissue_mm2 = (896 * 896 + 200 * 200) * MPP**2 / 1e6
-    assert otsu["mitotic_count"] == 3 and otsu["tissue_mm2"] == pytest.approx(tissue_mm2, rel=0.08)
+    tissue_mm2 = (1036 * 896 + 200 * 200) * MPP**2 / 1e6
+    assert otsu["mitotic_count"] == 4 and otsu["tissue_mm2"] == pytest.approx(tissue_mm2, rel=0.08)
     read, grid = map(int, otsu["tiles"].split("/"))
-    assert grid == 32 and read <= 20  # 16 under the big box, 4 under the island
+    assert grid == 32 and read <= 24  # 20 under the big box, 4 under the island: glass tiles are not read
     mask = np.asarray(Image.open(tmp_path / "otsu" / "tissue.png"))
     assert mask.shape == (1024 // 32, 2048 // 32) and mask[300 // 32, 300 // 32] == 255 and mask[900 // 32, 1900 // 32] == 0
 
     everything = analyze_slide(tmp_path / "s.tif", tmp_path / "none", models=Models.load(spec), options=AnalyzeOptions(tissue="none", tile=256))
     assert everything["tissue_mm2"] == pytest.approx(2048 * 1024 * MPP**2 / 1e6) and everything["tiles"] == "32/32"
-    assert everything["mitotic_count"] == 3
+    assert everything["mitotic_count"] == 4
 
-    user = np.zeros((16, 32), np.uint8)
-    user[:, :16] = 255  # the left half of the slide, at any size
+    user = np.zeros((32, 64), np.uint8)
+    user[:, :30] = 255  # x < 960 px; the tile whose core spans 768-1024 reads the figure at x 990, which is off the mask
     Image.fromarray(user).save(tmp_path / "mask.png")
-    half = analyze_slide(tmp_path / "s.tif", tmp_path / "file", models=Models.load(spec),
+    part = analyze_slide(tmp_path / "s.tif", tmp_path / "file", models=Models.load(spec),
                          options=AnalyzeOptions(tissue=str(tmp_path / "mask.png"), tile=256))
-    assert half["mitotic_count"] == 2 and half["tissue_mm2"] == pytest.approx(1024 * 1024 * MPP**2 / 1e6)
-    assert pd.read_csv(tmp_path / "file" / "figures.csv")["x"].max() < 1024
+    assert part["mitotic_count"] == 2 and part["tissue_mm2"] == pytest.approx(960 * 1024 * MPP**2 / 1e6)
+    assert pd.read_csv(tmp_path / "file" / "figures.csv")["x"].max() < 960
 
     write_pyramid(tmp_path / "empty" / "glass.tif", np.full((512, 768, 3), GLASS, np.uint8), mpp=MPP)
     code, stdout, err = run_cli(monkeypatch, capsys, "analyze", tmp_path / "empty", "--out", tmp_path / "glass", "--model", det,
@@ -329,7 +331,9 @@ def test_many_slides_on_a_two_worker_cluster_fail_alone_resume_and_match_one_wor
         if kind == "slides" and done:  # each slide's row is on disk when its result arrives
             assert len(pd.read_csv(tmp_path / "two" / "summary.csv")) == done
 
+    standins.clear()
     two = wf.analyze(tmp_path / "slides", tmp_path / "two", workers=2, threads_per_worker=1, processes=False, progress=progress, **kw)
+    assert "local" not in standins and len(standins) == len(set(standins)) <= 2  # once per worker (this process had them)
     assert two["slide"].tolist() == one["slide"].tolist() == ["a.tif", "b.tif", "broken.tif", "sub/c.tif"]
     for name, figs in truth.items():
         folder = name.replace(".tif", "").replace("/", "__")
@@ -355,6 +359,21 @@ def test_many_slides_on_a_two_worker_cluster_fail_alone_resume_and_match_one_wor
     assert calls == ["broken.tif", "b.tif", "broken.tif"]
     wf.analyze(tmp_path / "slides", tmp_path / "two", workers=1, **{**kw, "options": AnalyzeOptions(tile=512)})
     assert len(calls) == 3 + 4  # other options: every slide again
+
+
+def test_an_existing_cluster_by_its_address_is_used_and_left_running(tmp_path: Path, models, standins) -> None:
+    from distributed import Client, LocalCluster
+
+    truth = _batch(tmp_path / "slides")
+    (tmp_path / "slides" / "broken.tif").unlink()
+    det, cls = models
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        table = wf.analyze(tmp_path / "slides", tmp_path / "out", model=det, classifier=cls, options=AnalyzeOptions(tile=256),
+                           backend="torch", scheduler=cluster.scheduler_address)
+        assert table["mitotic_count"].tolist() == [len(f) for f in truth.values()] and (table["error"] == "").all()
+        with Client(cluster) as client:  # still there for its owner, its workers alive
+            assert len(client.scheduler_info()["workers"]) == 2
+    assert standins[0] == "local" and any(w.startswith("Worker") for w in standins[1:])  # checked here, run on the workers
 
 
 def test_worker_processes_give_the_same_figures_as_this_process(tmp_path: Path, models) -> None:
@@ -388,6 +407,17 @@ def test_where_the_work_runs(monkeypatch: pytest.MonkeyPatch) -> None:
         wf.plan(10, scheduler=None, workers=2, threads_per_worker=None)
     with pytest.raises(MitotypeError, match="scheduler needs dask"):
         wf.plan(10, scheduler="tcp://h:8786", workers=None, threads_per_worker=None)
+
+
+def test_a_worker_caps_its_model_threads() -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        wf._cap_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_slide_folders_are_distinct_and_keys_follow_what_the_result_depends_on(tmp_path: Path) -> None:
