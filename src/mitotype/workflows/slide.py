@@ -29,6 +29,7 @@ from PIL import Image
 
 from mitotype._io import atomic_path, write_csv, write_json
 from mitotype.data.slides import MPP_TOLERANCE, Source, is_slide, model_mpp, open_source
+from mitotype.data.tiles import Tile
 from mitotype.data.tissue import THUMB_MPP, TissueMap, read_thumbnail, slide_mask
 from mitotype.errors import MitotypeError
 from mitotype.evaluation.hotspot import HPF10_MM2, MM2_WINDOW, Hotspot, hotspot
@@ -144,6 +145,34 @@ def analyze_slide(path: str | Path, out_dir: str | Path, *, models: Models, opti
     return row
 
 
+@dataclass(frozen=True)
+class TilePlan:
+    """Where a slide is analysed: the region (level-0 pixels and microns), its tissue, the detection
+    grid over it (detector pixels) and the tiles of that grid whose core touches tissue."""
+
+    region: tuple[int, int, int, int]
+    region_um: tuple[float, float, float, float]
+    tissue: TissueMap
+    grid: list[Tile]
+    kept: list[Tile]
+
+
+def plan_tiles(source: Source, detector: Detector, options: AnalyzeOptions, name: str) -> TilePlan:
+    """The tissue mask of the region and the detection tiles to read (see the module's note)."""
+    l0 = source.level_mpps[0]
+    region = _region(options.roi, source.dimensions, name)
+    region_um = (region[0] * l0, region[1] * l0, region[2] * l0, region[3] * l0)
+    tissue = TissueMap.crop(slide_mask(read_thumbnail(source, THUMB_MPP), options.tissue), THUMB_MPP, region_um)
+    f = l0 / detector.mpp  # detector pixels per level-0 pixel
+    size = source.size_at(detector.mpp)
+    dx0, dy0 = min(size[0] - 1, int(region[0] * f)), min(size[1] - 1, int(region[1] * f))
+    dx1, dy1 = max(dx0 + 1, min(size[0], math.ceil(region[2] * f))), max(dy0 + 1, min(size[1], math.ceil(region[3] * f)))
+    grid = detection_tiles(size, tile=options.tile, roi=(dx0, dy0, dx1 - dx0, dy1 - dy0))
+    m = detector.mpp
+    kept = [t for t in grid if tissue.any_tissue((t.core[0] * m, t.core[1] * m, t.core[2] * m, t.core[3] * m))]
+    return TilePlan(region, region_um, tissue, grid, kept)
+
+
 def _analyze(source: Source, path: Path, out_dir: Path, name: str, models: Models, options: AnalyzeOptions,
              on_tile: Callable[[int, int], None] | None) -> dict[str, Any]:
     det, l0 = models.detector, source.level_mpps[0]
@@ -151,16 +180,8 @@ def _analyze(source: Source, path: Path, out_dir: Path, name: str, models: Model
     if coarser:
         warnings.warn(f"{name}: {l0:g} um/px is coarser than the models' {min(models.mpps()):g}; its figures are enlarged and "
                       "its counts less reliable", stacklevel=2)
-    region = _region(options.roi, source.dimensions, name)
-    region_um = (region[0] * l0, region[1] * l0, region[2] * l0, region[3] * l0)
-    tissue = TissueMap.crop(slide_mask(read_thumbnail(source, THUMB_MPP), options.tissue), THUMB_MPP, region_um)
-
-    f = l0 / det.mpp  # detector pixels per level-0 pixel
-    size = source.size_at(det.mpp)
-    dx0, dy0 = min(size[0] - 1, int(region[0] * f)), min(size[1] - 1, int(region[1] * f))
-    dx1, dy1 = max(dx0 + 1, min(size[0], math.ceil(region[2] * f))), max(dy0 + 1, min(size[1], math.ceil(region[3] * f)))
-    grid = detection_tiles(size, tile=options.tile, roi=(dx0, dy0, dx1 - dx0, dy1 - dy0))
-    kept = [t for t in grid if tissue.any_tissue(tuple(v * det.mpp for v in t.core))]  # type: ignore[arg-type]
+    plan = plan_tiles(source, det, options, name)
+    region, region_um, tissue, grid, kept = plan.region, plan.region_um, plan.tissue, plan.grid, plan.kept
     area = tissue.area_mm2()
     if not kept or area <= 0:
         warnings.warn(f"{name}: no tissue found (tissue mask {options.tissue}); its counts are zero", stacklevel=2)
