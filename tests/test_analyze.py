@@ -279,6 +279,15 @@ def test_plain_images_need_their_mpp_and_a_roi_limits_the_analysis(tmp_path: Pat
     found = pd.read_csv(tmp_path / "out" / "crop" / "figures.csv")
     assert matched(found, figs[:2])  # level-0 pixels of the image, not of the ROI
     assert (row["hotspot_2mm2_x"], row["hotspot_2mm2_y"]) == (50, 50)
+    code, _, err = run_cli(monkeypatch, capsys, "analyze", tmp_path / "crop.png", "--out", tmp_path / "counts", "--mpp", "0.25",
+                           "--model", det, "--classifier", "none", "--backend", "torch", "--tissue-mask", "none")
+    assert code == 0, err  # counts only: no classifier, no atypical columns
+    row = pd.read_csv(tmp_path / "counts" / "summary.csv").iloc[0]
+    assert row["mitotic_count"] == 4 and pd.isna(row["atypical_count"]) and pd.isna(row["atypical_fraction"])
+    assert list(pd.read_csv(tmp_path / "counts" / "crop" / "figures.csv").columns) == ["x", "y", "score"]
+    code, _, err = run_cli(monkeypatch, capsys, "analyze", tmp_path / "crop.png", "--out", tmp_path / "x", "--mpp", "0.25",
+                           "--model", det, "--classifier", tmp_path / "absent")
+    assert code == 2 and "--classifier" in err and "no such file" in err
     code, _, err = run_cli(monkeypatch, capsys, "analyze", tmp_path / "crop.png", "--out", tmp_path / "out2", "--mpp", "0.25",
                            "--roi", "400,0,300,200", *args)
     assert code == 1 and "--roi" in err and "reaches past" in err
@@ -320,6 +329,7 @@ def _batch(folder: Path) -> dict[str, list[tuple[float, float]]]:
 
 
 def test_many_slides_on_a_two_worker_cluster_fail_alone_resume_and_match_one_worker(tmp_path: Path, models, standins, monkeypatch) -> None:
+    pytest.importorskip("distributed")
     truth = _batch(tmp_path / "slides")
     det, cls = models
     kw = dict(model=det, classifier=cls, options=AnalyzeOptions(tile=256), backend="torch")
@@ -362,6 +372,7 @@ def test_many_slides_on_a_two_worker_cluster_fail_alone_resume_and_match_one_wor
 
 
 def test_an_existing_cluster_by_its_address_is_used_and_left_running(tmp_path: Path, models, standins) -> None:
+    pytest.importorskip("distributed")
     from distributed import Client, LocalCluster
 
     truth = _batch(tmp_path / "slides")
@@ -378,6 +389,7 @@ def test_an_existing_cluster_by_its_address_is_used_and_left_running(tmp_path: P
 
 def test_worker_processes_give_the_same_figures_as_this_process(tmp_path: Path, models) -> None:
     """The embedded LocalCluster with real worker processes (each loads the real tiny models once)."""
+    pytest.importorskip("distributed")
     _batch(tmp_path / "slides")
     (tmp_path / "slides" / "broken.tif").unlink()
     det, cls = models
@@ -392,6 +404,7 @@ def test_worker_processes_give_the_same_figures_as_this_process(tmp_path: Path, 
 
 
 def test_where_the_work_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("distributed")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert wf.plan(10, scheduler=None, workers=None, threads_per_worker=None) == (4, 4)  # one worker per 4 cores
     assert wf.plan(2, scheduler=None, workers=None, threads_per_worker=None) == (2, 8)  # at most one per slide
@@ -577,3 +590,39 @@ def test_bad_options_are_one_line_before_any_work(tmp_path: Path, models, monkey
     code, _, err = run_cli(monkeypatch, capsys, "analyze", tmp_path / "s.tif", "--out", tmp_path / "o", "--model", det, "--classifier", det)
     assert code == 2 and "--classifier" in err and "a detector" in err
     assert not (tmp_path / "o" / "s").exists()
+
+
+# ---------------------------------------------------------------- the benchmark scripts, on tiny settings
+
+def test_the_analyze_benchmarks_run_on_tiny_slides(tmp_path: Path, models, capsys) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import analyze_accuracy
+    import analyze_throughput
+    import synthetic_slides
+
+    from conftest import write_class_folders
+
+    slides = tmp_path / "slides"
+    truth = synthetic_slides.main(["--out", str(slides), "--n", "2", "--size", "1024x768", "--figures", "6", "--margin", "128"])
+    assert len(truth) == 12 and sorted(p.name for p in slides.iterdir()) == ["slide_00.tif", "slide_01.tif", "truth.csv"]
+    assert tiffslide.TiffSlide(str(slides / "slide_00.tif")).properties["tiffslide.mpp-x"] == pytest.approx(0.25)
+    det, cls = models
+    common = ["--slides", str(slides), "--model", str(det), "--classifier", str(cls), "--backend", "torch", "--tile", "256",
+              "--threshold", "0.01"]
+    wf.clear_model_cache()
+    acc = analyze_accuracy.main([*common, "--out", str(tmp_path / "acc")])
+    assert acc["true_figures"] == 12 and acc["analyze"]["tp"] + acc["analyze"]["fn"] == 12 and acc["recall_difference"] <= 0.01
+    assert json.loads((tmp_path / "acc" / "summary.json").read_text())["detect"]["detections"] == acc["detect"]["detections"]
+    speed = analyze_throughput.main([*common, "--rounds", "1", "--workers", "1", "--out", str(tmp_path / "speed")])
+    assert speed["candidates"] > 12 and [s["name"] for s in speed["sides"]] == ["detector bare forward", "analyze end to end"]
+    assert speed["slides_per_hour"]["1"]["slides"] == 2 and speed["tissue_mm2"] > 0
+    assert "analyze end to end / bare forward" in capsys.readouterr().out
+
+    patches = write_class_folders(tmp_path / "patches", n_atypical=3, n_normal=6)
+    table = synthetic_slides.main(["--out", str(tmp_path / "mosaic"), "--patches", str(patches), "--n", "1", "--per-slide", "9",
+                                   "--margin", "64"])
+    assert len(table) == 9 and (table["label"] == "atypical").sum() == 3
+    level0 = np.asarray(Image.open(tmp_path / "mosaic" / "slide_00.tif"))
+    assert level0.shape == (3 * 32 + 128, 3 * 32 + 128, 3) and sorted(set(table["x"])) == [64 + 16, 64 + 48, 64 + 80]

@@ -359,7 +359,7 @@ def detect(
     from mitotype.progress import progress_bar
     from mitotype.workflows.detect import detect as run_detect
 
-    chained = None if classifier == "none" else _model_path(None if classifier == "bundled" else Path(classifier))
+    chained = None if classifier in (None, "none") else _model_path(None if classifier == "bundled" else Path(str(classifier)))
     with progress_bar("tiles", transient=True) as bar:
         task = bar.add_task("detect", total=None)
 
@@ -409,17 +409,21 @@ def analyze(
     from mitotype.workflows.analyze import analyze as run_analyze
     from mitotype.workflows.slide import AnalyzeOptions
 
-    chained = None if classifier == "none" else _model_path(None if classifier == "bundled" else Path(classifier))
+    chained = None if classifier == "none" else _model_path(None) if classifier == "bundled" else _existing(Path(classifier), "--classifier")
     options = AnalyzeOptions(tissue=tissue_mask, roi=_roi(roi) if roi else None, mpp=mpp, tile=tile, gallery=gallery)
     with progress_bar("tiles", transient=True) as bar:
         slides = bar.add_task("slides", total=None)
         tiles: dict[str, TaskID] = {}
+        finished: set[str] = set()
 
         def advance(kind: str, name: str, done: int, total: int) -> None:
             if kind == "slides":
                 bar.update(slides, completed=done, total=total)
+                finished.add(name)
                 if name in tiles:
                     bar.remove_task(tiles.pop(name))
+                return
+            if name in finished:  # a worker's late tile event
                 return
             if name not in tiles:
                 tiles[name] = bar.add_task(f"  {name}", total=total)
@@ -434,7 +438,8 @@ def analyze(
         if r.Index in failed.index:
             shown.add_row(str(r.slide), "failed", "", "", "", "")
             continue
-        atyp = "–" if pd.isna(r.atypical_count) else f"{int(r.atypical_count)} ({_fmt(r.atypical_fraction)})"
+        share = "" if pd.isna(r.atypical_fraction) else f" ({r.atypical_fraction:.1%})"
+        atyp = "–" if pd.isna(r.atypical_count) else f"{int(r.atypical_count)}{share}"
         shown.add_row(str(r.slide), str(r.mitotic_count), atyp, f"{r.mitoses_per_mm2:.2f}", f"{r.tissue_mm2:.2f}", str(r.hotspot_10hpf_count))
     out.print(shown)
     out.print(f"{len(table) - len(failed)} of {len(table)} slide(s) analysed → {out_dir}/summary.csv", markup=False)

@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 import traceback
+import uuid
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -161,7 +162,8 @@ def run_on_dask(jobs: list[SlideJob], record: Callable[[dict[str, Any]], None], 
     try:
         if progress:
             client.subscribe_topic(TOPIC, lambda event: progress("tiles", event[1]["slide"], event[1]["done"], event[1]["total"]))
-        futures = client.map(run_slide, jobs, key=[f"mitotype-analyze-{job.key}-{i}" for i, job in enumerate(jobs)], pure=False)
+        run = uuid.uuid4().hex[:8]  # keys of this run only: a long-lived scheduler never hands back an earlier run's result
+        futures = client.map(run_slide, jobs, key=[f"mitotype-analyze-{run}-{i}" for i in range(len(jobs))], pure=False)
         by_future = dict(zip(futures, jobs))
         for future in as_completed(futures):
             job = by_future[future]
