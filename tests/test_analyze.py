@@ -259,6 +259,7 @@ def test_the_tissue_mask_otsu_none_a_file_and_a_slide_without_tissue(tmp_path: P
     assert (row["mitotic_count"], row["atypical_count"], row["tissue_mm2"], row["mitoses_per_mm2"], row["hotspot_10hpf_count"]) == (0, 0, 0, 0, 0)
     assert "no tissue found" in row["warning"] and pd.isna(row["error"])
     assert pd.read_csv(tmp_path / "glass" / "glass" / "figures.csv").empty
+    assert "<div class='warn'>glass.tif: no tissue found" in (tmp_path / "glass" / "glass" / "report.html").read_text()
     code, _, err = run_cli(monkeypatch, capsys, "analyze", tmp_path / "empty", "--out", tmp_path / "x", "--model", det, "--tissue-mask",
                            tmp_path / "nothing.png")
     assert code == 2 and "--tissue-mask" in err

@@ -176,16 +176,19 @@ def plan_tiles(source: Source, detector: Detector, options: AnalyzeOptions, name
 def _analyze(source: Source, path: Path, out_dir: Path, name: str, models: Models, options: AnalyzeOptions,
              on_tile: Callable[[int, int], None] | None) -> dict[str, Any]:
     det, l0 = models.detector, source.level_mpps[0]
+    notes: list[str] = []  # warned, and shown in the report
     coarser = l0 > min(models.mpps()) * (1 + MPP_TOLERANCE)
     if coarser:
-        warnings.warn(f"{name}: {l0:g} um/px is coarser than the models' {min(models.mpps()):g}; its figures are enlarged and "
-                      "its counts less reliable", stacklevel=2)
+        notes.append(f"{name}: {l0:g} um/px is coarser than the models' {min(models.mpps()):g}; its figures are enlarged and "
+                     "its counts less reliable")
     plan = plan_tiles(source, det, options, name)
     region, region_um, tissue, grid, kept = plan.region, plan.region_um, plan.tissue, plan.grid, plan.kept
     area = tissue.area_mm2()
     if not kept or area <= 0:
-        warnings.warn(f"{name}: no tissue found (tissue mask {options.tissue}); its counts are zero", stacklevel=2)
+        notes.append(f"{name}: no tissue found (tissue mask {options.tissue}); its counts are zero")
         kept, area = [], 0.0
+    for note in notes:
+        warnings.warn(note, stacklevel=3)
     found = detect_source(det, source, tiles=kept, on_tile=on_tile) if kept else pd.DataFrame({"x": [], "y": [], "score": []})
     x, y = found["x"].to_numpy(float), found["y"].to_numpy(float)
     inside = (x >= region[0]) & (x < region[2]) & (y >= region[1]) & (y < region[3]) & tissue.on_tissue(x * l0, y * l0)
@@ -211,7 +214,7 @@ def _analyze(source: Source, path: Path, out_dir: Path, name: str, models: Model
     view_mask = tissue.grid((vx + np.arange(vw) + 0.5) * view_mpp, (vy + np.arange(vh) + 0.5) * view_mpp)
     write_slide_report(out_dir / "report.html", title=f"mitotype analyze: {name}", summary=_shown(row), thumbnail=view,
                        mask=view_mask, points=points, labels=labels, boxes=boxes,
-                       gallery=_gallery(source, found, models, options), models=_model_rows(models),
+                       gallery=_gallery(source, found, models, options), models=_model_rows(models), notes=notes,
                        heat_sigma_px=min(HEAT_UM / view_mpp, min(vh, vw) / 16))
     return row
 
