@@ -252,8 +252,9 @@ def test_the_tissue_mask_otsu_none_a_file_and_a_slide_without_tissue(tmp_path: P
     assert pd.read_csv(tmp_path / "file" / "figures.csv")["x"].max() < 960
 
     write_pyramid(tmp_path / "empty" / "glass.tif", np.full((512, 768, 3), GLASS, np.uint8), mpp=MPP)
-    code, stdout, err = run_cli(monkeypatch, capsys, "analyze", tmp_path / "empty", "--out", tmp_path / "glass", "--model", det,
-                                "--classifier", cls, "--backend", "torch")
+    with pytest.warns(UserWarning, match="glass.tif: no tissue found"):
+        code, stdout, err = run_cli(monkeypatch, capsys, "analyze", tmp_path / "empty", "--out", tmp_path / "glass", "--model", det,
+                                    "--classifier", cls, "--backend", "torch")
     assert code == 0, err
     row = pd.read_csv(tmp_path / "glass" / "summary.csv").iloc[0]
     assert (row["mitotic_count"], row["atypical_count"], row["tissue_mm2"], row["mitoses_per_mm2"], row["hotspot_10hpf_count"]) == (0, 0, 0, 0, 0)
@@ -312,7 +313,8 @@ def test_resolution_comes_from_the_slide_or_mpp_and_a_coarse_scan_is_flagged(tmp
     assert not (tmp_path / "a" / "nompp" / "error.txt").exists()  # a success clears the earlier failure
 
     write_pyramid(tmp_path / "coarse" / "half.tif", img, mpp=0.5)
-    code, _, err = run_cli(monkeypatch, capsys, "analyze", tmp_path / "coarse", "--out", tmp_path / "b", *args)
+    with pytest.warns(UserWarning, match="coarser than the model"):
+        code, _, err = run_cli(monkeypatch, capsys, "analyze", tmp_path / "coarse", "--out", tmp_path / "b", *args)
     assert code == 0, err
     row = pd.read_csv(tmp_path / "b" / "summary.csv").iloc[0]
     assert row["mpp"] == 0.5 and row["coarser_than_model"] and "coarser than the models" in row["warning"]
