@@ -41,6 +41,11 @@ def test_tissue_is_the_coloured_part_of_the_thumbnail() -> None:
     mask = tissue_mask(thumb)
     assert mask[10:30, 5:35].all() and mask.sum() == 20 * 30
     assert not tissue_mask(np.full((8, 8, 3), 240, np.uint8)).any()  # all glass
+    stained = np.zeros((40, 60, 3), np.uint8) + (200, 120, 170)
+    stained[:, 30:] = (225, 175, 205)  # a crop that is all tissue, some of it pale: no glass for Otsu to find
+    assert tissue_mask(stained).all()
+    stained[:10] = 245  # with glass, the pale tissue stays tissue and the glass does not
+    assert not tissue_mask(stained)[:10].any() and tissue_mask(stained)[10:].all()
     low, high = rng.normal(0.1, 0.02, 500), rng.normal(0.6, 0.05, 500)
     assert low.max() < otsu_threshold(np.r_[low, high]) <= high.min()  # separates the two modes
 

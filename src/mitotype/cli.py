@@ -402,7 +402,7 @@ def detect(
     from mitotype.progress import progress_bar
     from mitotype.workflows.detect import detect as run_detect
 
-    chained = None if classifier == "none" else _model_path(None if classifier == "bundled" else Path(classifier))
+    chained = None if classifier in (None, "none") else _model_path(None if classifier == "bundled" else Path(str(classifier)))
     with progress_bar("tiles", transient=True) as bar:
         task = bar.add_task("detect", total=None)
 
@@ -418,6 +418,91 @@ def detect(
         extra = f", {n_atyp} atypical ({n_atyp / max(len(table), 1):.1%})"
     n_images = table["image"].nunique() if len(table) else 0
     out.print(f"{len(table)} detections on {n_images} image(s) with figures{extra} → {out_file}", markup=False)
+
+
+@app.command()
+def analyze(
+    inputs: Path = typer.Argument(..., metavar="SLIDE_OR_DIR", help="A whole-slide image, a plain image (with --mpp) or a folder of them."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder: OUT/<slide>/ (figures.csv, figures.geojson, tissue.png, "
+                                 "report.html) and OUT/summary.csv."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Detector model folder or cv run; default: the bundled detector."),
+    classifier: str = typer.Option("bundled", "--classifier", help="Classifier of each figure: 'bundled', a model folder or cv run, "
+                                   "or 'none' (counts only)."),
+    tissue_mask: str = typer.Option("otsu", "--tissue-mask", help="otsu (on a thumbnail), none (all tissue: ROI crops) or a mask "
+                                    "image (white = tissue) covering the whole slide."),
+    roi: Optional[str] = typer.Option(None, "--roi", help="Analyse only x,y,w,h (level-0 pixels)."),
+    mpp: Optional[float] = typer.Option(None, "--mpp", help="um/px of plain images and of slides that do not say theirs (required "
+                                        "for them: counts per mm² depend on it)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Detection threshold (default: the detector's)."),
+    tile: int = typer.Option(1024, "--tile", help="Tile side in detector pixels (memory per tile, not per slide)."),
+    gallery: int = typer.Option(24, "--gallery", help="Figures called atypical shown in each report."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Dask workers of the embedded LocalCluster (default: one per 4 "
+                                          "cores; 1 runs in this process)."),
+    threads_per_worker: Optional[int] = typer.Option(None, "--threads-per-worker", help="Model threads of each worker (default: "
+                                                     "the cores shared out)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of an existing Dask scheduler (tcp://host:8786)."),
+    device: str = DeviceOpt,
+    backend: BackendName = BackendOpt,
+) -> None:
+    """Slides to counts: tissue, figures, atypical fraction, mitoses per mm², hotspots, and a report per slide."""
+    import pandas as pd
+    from rich.progress import TaskID
+
+    from mitotype.progress import progress_bar
+    from mitotype.workflows.analyze import analyze as run_analyze
+    from mitotype.workflows.slide import AnalyzeOptions
+
+    chained = None if classifier == "none" else _model_path(None) if classifier == "bundled" else _existing(Path(classifier), "--classifier")
+    options = AnalyzeOptions(tissue=tissue_mask, roi=_roi(roi) if roi else None, mpp=mpp, tile=tile, gallery=gallery)
+    with progress_bar("tiles", transient=True) as bar:
+        slides = bar.add_task("slides", total=None)
+        tiles: dict[str, TaskID] = {}
+        finished: set[str] = set()
+
+        def advance(kind: str, name: str, done: int, total: int) -> None:
+            if kind == "slides":
+                bar.update(slides, completed=done, total=total)
+                finished.add(name)
+                if name in tiles:
+                    bar.remove_task(tiles.pop(name))
+                return
+            if name in finished:  # a worker's late tile event
+                return
+            if name not in tiles:
+                tiles[name] = bar.add_task(f"  {name}", total=total)
+            bar.update(tiles[name], completed=done, total=total)
+
+        table = run_analyze(_existing(inputs, "input"), out_dir, model=_detector_path(model), classifier=chained, options=options,
+                            device=device, backend=backend.value, threshold=threshold, scheduler=scheduler, workers=workers,
+                            threads_per_worker=threads_per_worker, progress=advance, spell=_flag)
+    shown = Table("slide", "figures", "atypical", "per mm²", "tissue mm²", "hotspot 10 HPF")
+    failed = table[table["error"].fillna("").astype(str) != ""]
+    for r in table.itertuples():
+        if r.Index in failed.index:
+            shown.add_row(str(r.slide), "failed", "", "", "", "")
+            continue
+        share = "" if pd.isna(r.atypical_fraction) else f" ({r.atypical_fraction:.1%})"
+        atyp = "–" if pd.isna(r.atypical_count) else f"{int(r.atypical_count)}{share}"
+        shown.add_row(str(r.slide), str(r.mitotic_count), atyp, f"{r.mitoses_per_mm2:.2f}", f"{r.tissue_mm2:.2f}", str(r.hotspot_10hpf_count))
+    out.print(shown)
+    out.print(f"{len(table) - len(failed)} of {len(table)} slide(s) analysed → {out_dir}/summary.csv", markup=False)
+    if len(failed):
+        for r in failed.itertuples():
+            err.print(f"error: {r.slide}: {r.error}", style="red", markup=False, highlight=False, soft_wrap=True)
+        err.print(f"{len(failed)} slide(s) failed (details in {out_dir}/<slide>/error.txt); a rerun retries them and skips the others",
+                  markup=False, highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+def _roi(text: str) -> tuple[int, int, int, int]:
+    parts = text.replace(" ", "").split(",")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise MitotypeError(f"{{roi}} '{text}': expected x,y,w,h in level-0 pixels", options=("roi",))
+    return values
 
 
 @app.command()

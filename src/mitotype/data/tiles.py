@@ -75,7 +75,9 @@ def otsu_threshold(values: np.ndarray) -> float:
 
 def tissue_mask(thumbnail: np.ndarray, *, min_saturation: float = 0.05) -> np.ndarray:
     """Tissue (True) vs glass on an RGB uint8 thumbnail: Otsu on the saturation, H&E tissue being
-    coloured and glass grey-white; a thumbnail with no saturation above ``min_saturation`` is all glass."""
+    coloured and glass grey-white; a thumbnail with no saturation above ``min_saturation`` is all glass,
+    and one whose less saturated Otsu class is itself clearly stained (median above twice that) has
+    no glass to find, so everything above ``min_saturation`` is tissue (a crop or mosaic of tissue)."""
     if thumbnail.ndim != 3 or thumbnail.shape[2] != 3:
         raise MitotypeError(f"tissue mask: expected an RGB thumbnail (H, W, 3), got shape {thumbnail.shape}")
     rgb = thumbnail.astype(np.float64) / 255
@@ -83,4 +85,8 @@ def tissue_mask(thumbnail: np.ndarray, *, min_saturation: float = 0.05) -> np.nd
     saturation = np.divide(mx - mn, mx, out=np.zeros_like(mx), where=mx > 0)
     if saturation.max() < min_saturation:
         return np.zeros(saturation.shape, bool)
-    return saturation > max(otsu_threshold(saturation), min_saturation)
+    threshold = otsu_threshold(saturation)
+    below = saturation[saturation <= threshold]
+    if below.size and np.median(below) > 2 * min_saturation:  # no glass: Otsu would split stained tissue in two
+        return saturation > min_saturation
+    return saturation > max(threshold, min_saturation)

@@ -61,8 +61,7 @@ def detect(
             continue
         source = open_source(path, image_mpp=mpp or detector.mpp, slide_mpp=slide_mpp)
         try:
-            found = detect_source(detector, source, min_score=min_score, tile=tile,
-                                  on_tile=(lambda d, n, name=name: progress(name, d, n)) if progress else None)
+            found = detect_source(detector, source, min_score=min_score, tile=tile, on_tile=_tile_progress(progress, name))
         finally:
             source.close()
         found.insert(0, "image", name)
@@ -73,6 +72,13 @@ def detect(
     write_points(table, out, fmt, mpp=detector.mpp)
     shutil.rmtree(partial_dir(out), ignore_errors=True)
     return table
+
+
+def _tile_progress(progress: Progress | None, name: str) -> Callable[[int, int], None] | None:
+    """``progress`` told about ``name``'s tiles, or nothing."""
+    if progress is None:
+        return None
+    return lambda done, total: progress(name, done, total)
 
 
 def _bad_format(fmt: str) -> str:
