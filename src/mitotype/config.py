@@ -496,7 +496,8 @@ def validate_config(cfg: Config) -> None:
         "train.epochs": (1, None), "train.batch_size": (1, None), "train.diverse_clusters": (1, 1000), "train.eval_batch_size": (1, None),
         "train.lr": (1e-12, None), "train.weight_decay": (0, None), "train.warmup_epochs": (0, None),
         "train.min_lr_ratio": (0, 1), "train.patience": (0, None), "train.grad_clip": (0, None),
-        "train.backbone_lr_scale": (0, None), "train.ema_decay": (0, 0.999999), "loss.label_smoothing": (0, 0.999), "loss.incdp_weight": (0, 100), "loss.focal_alpha": (0, 1),
+        "train.backbone_lr_scale": (0, None), "train.ema_decay": (0, 0.999999), "loss.label_smoothing": (0, 0.999), "loss.focal_alpha": (0, 1),
+        "loss.incdp_weight": (0, 100),
         "loss.focal_gamma": (0, None), "model.input_size": (8, None), "data.patch_size": (8, None),
         "model.drop_rate": (0, 0.999), "model.drop_path_rate": (0, 0.999), "model.freeze_groups": (0, None),
     }

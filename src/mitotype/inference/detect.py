@@ -127,10 +127,10 @@ def detect_source(
     radius = detector.candidates.nms_um / target
     found = []
     with ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(_prepare_tile, detector, source, grid[0], size) if grid else None
+        pending = [pool.submit(_prepare_tile, detector, source, t, size) for t in grid[:1]]
         for done, t in enumerate(grid, 1):
-            cands, patches = pending.result()
-            pending = pool.submit(_prepare_tile, detector, source, grid[done], size) if done < len(grid) else None
+            cands, patches = pending.pop().result()
+            pending += [pool.submit(_prepare_tile, detector, source, nxt, size) for nxt in grid[done:done + 1]]
             found.append(_finish_tile(t, cands.assign(score=detector.score(patches)), floor, radius))
             if on_tile:
                 on_tile(done, len(grid))
