@@ -1,7 +1,11 @@
 """Synthetic whole-slide images of known figures: pyramidal JPEG TIFFs (0.25 um/px in the TIFF
 resolution tags) and their truth, for ``mitotype analyze``'s benchmarks and the README's example.
 
-Two kinds:
+Three kinds:
+
+- ``--mosaics DIR``: the images of ``mitotype data mosaic`` (figures blended into figure-free tissue;
+  e.g. ``--fold 0`` for a held-out fold) laid ``--grid`` x ``--grid`` per slide in a glass margin,
+  with their truth moved to slide coordinates: what the issue's synthetic-slide figures use.
 
 - ``--patches DATA``: mosaics of real figure patches (any layout mitotype reads, e.g. the AMi-Br
   training split: 128 px at 0.25 um/px, one figure at each centre). ``--groups-from RUN/splits.csv
@@ -51,10 +55,19 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--figures", type=int, default=40, help="drawn slides: figures per slide (default %(default)s)")
     ap.add_argument("--margin", type=int, default=512, help="glass around the tissue, px (default %(default)s)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mosaics", type=Path, default=None, help="a `mitotype data mosaic` folder whose images become slides")
+    ap.add_argument("--grid", type=int, default=4, help="--mosaics: images per slide side (default %(default)s)")
     args = ap.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     rows = []
-    if args.patches is not None:
+    if args.mosaics is not None:
+        truth = pd.read_csv(args.mosaics / "truth.csv", keep_default_na=False)
+        names = sorted(p.name for p in args.mosaics.glob("mosaic_*.png"))
+        per = args.grid * args.grid
+        for i in range(min(args.n, len(names) // per)):
+            img, placed = tiled(args.mosaics, names[i * per:(i + 1) * per], truth, grid=args.grid, margin=args.margin)
+            rows += _save(args.out, i, img, placed)
+    elif args.patches is not None:
         patches = _patches(args.patches, args.groups_from, args.fold)
         order = rng.permutation(len(patches))
         need = args.n * args.per_slide
@@ -113,6 +126,20 @@ def mosaic(patches: pd.DataFrame, *, margin: int) -> tuple[np.ndarray, list[tupl
         img[y0:y0 + side, x0:x0 + side] = patch
         truth.append((float(x0 + side // 2), float(y0 + side // 2), "atypical" if label == 1 else "normal"))
     return img, truth
+
+
+def tiled(folder: Path, names: list[str], truth: pd.DataFrame, *, grid: int, margin: int) -> tuple[np.ndarray, list[tuple[float, float, str]]]:
+    """Mosaic images ``names`` laid ``grid`` x ``grid`` inside a glass margin; their truth moved along."""
+    first = np.asarray(Image.open(folder / names[0]).convert("RGB"))
+    side = first.shape[0]
+    img = np.full((grid * side + 2 * margin, grid * side + 2 * margin, 3), GLASS, np.uint8)
+    placed = []
+    for k, name in enumerate(names):
+        y0, x0 = margin + (k // grid) * side, margin + (k % grid) * side
+        img[y0:y0 + side, x0:x0 + side] = np.asarray(Image.open(folder / name).convert("RGB"))
+        for x, y, label in truth.loc[truth["image"] == name, ["x", "y", "label"]].itertuples(index=False):
+            placed.append((float(x0 + x), float(y0 + y), str(label)))
+    return img, placed
 
 
 def drawn(w: int, h: int, n_figures: int, *, margin: int, rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[float, float, str]]]:
