@@ -102,6 +102,13 @@ FIGURES = (
            lambda b: (f3(b["_results"]["e9-lite0-crop64-stain-loso"]["against"]["paired_bootstrap"]["difference"]),
                       f3(b["_results"]["e9-lite0-crop64-stain-loso"]["against"]["paired_bootstrap"]["ci95"][0]),
                       f3(b["_results"]["e9-lite0-crop64-stain-loso"]["against"]["paired_bootstrap"]["ci95"][1]))),
+    Figure("highest layout-only baseline F1 on fold-0 mosaics (benchmarks/results/mosaic-baselines)", "results",
+           r"Every layout-only baseline stays below F1 0\.3 \(highest (\S+)\)",
+           lambda b: (f3(b["_results"]["mosaic-baselines"]["max_layout_only_f1"]),)),
+    Figure("offset study: BA (AUROC) at 0, 5, 10, 20, 30 px (benchmarks/results/offset-study)", "results",
+           r"\| balanced accuracy \(AUROC\) \| (\S+) \((\S+)\) \| (\S+) \((\S+)\) \| (\S+) \((\S+)\) \| (\S+) \((\S+)\) \| (\S+) \((\S+)\) \|",
+           lambda b: tuple(f3(b["_results"]["offset-study"]["per_offset"][d][m]) for d in ("0", "5", "10", "20", "30")
+                           for m in ("balanced_accuracy", "roc_auc"))),
     Figure("default predict vs the old torch path (benchmarks/results/fast-by-default)", "readme",
            r"default `predict` is \*\*(\S+)x\*\* \((\S+)-(\S+) over 3 rounds\)",
            lambda b: tuple(f"{b['_results']['fast-by-default']['sides']['default'][k]:.2f}"
