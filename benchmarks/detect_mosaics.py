@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     radius = MATCH_RADIUS_UM / det.mpp
     table, seconds = run_detector(det, args.mosaics, names, args.floor)
     at = detection_counts(table, truth, radius_px=radius, threshold=det.threshold)["pooled"]
-    best_t, best = best_f1_threshold(table, truth, radius_px=radius)
+    best_t, best_counts = best_f1_threshold(table, truth, radius_px=radius)
+    best = best_counts["pooled"]
     area = sum(v for v in _areas(info, "figure_free_area_mm2", names).values())
     total_area = sum(_areas(info, "area_mm2", names).values())
     kept = table[table["score"] >= det.threshold]

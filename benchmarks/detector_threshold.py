@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     truth = pd.read_csv(args.mosaics / "truth.csv", keep_default_na=False)
     names = sorted(truth["image"].unique())[:args.images]
     table, seconds = run_detector(det, args.mosaics, names, 0.05)
-    t, best = best_f1_threshold(table, truth[truth["image"].isin(names)], radius_px=MATCH_RADIUS_UM / det.mpp)
+    t, counts = best_f1_threshold(table, truth[truth["image"].isin(names)], radius_px=MATCH_RADIUS_UM / det.mpp)
+    best = counts["pooled"]
     summary = {"model": str(args.model), "mosaics": str(args.mosaics), "images": len(names), "threshold": t, "at_threshold": best,
                "seconds": seconds, "cpu": cpu_name(), "command": "benchmarks/detector_threshold.py " + " ".join(argv or sys.argv[1:])}
     print(f"F1-maximising threshold on {len(names)} training-fold mosaics: {t:.3f} (F1 {best['f1']:.3f}, precision "

@@ -255,3 +255,17 @@ def test_marked_lookalikes_from_midog_json_are_always_in_the_training_set(tmp_pa
     m = write_candidate_set(points, tmp_path / "set", cfg=cfg, mpp=0.25, patch_size=32, seed=0)
     assert m["label"].tolist() == [1, 0]
     assert (m.iloc[1]["x"], m.iloc[1]["y"]) == (faint.x, faint.y)
+
+
+def test_best_f1_threshold_equals_rematching_at_every_threshold() -> None:
+    from mitotype.evaluation.detection import best_f1_threshold, detection_counts
+
+    rng = np.random.default_rng(7)
+    truth = pd.DataFrame({"image": rng.choice(["a", "b"], 30), "x": rng.uniform(0, 400, 30), "y": rng.uniform(0, 400, 30)})
+    near = truth.sample(20, random_state=1)
+    det = pd.concat([near.assign(x=near["x"] + rng.normal(0, 12, 20), y=near["y"] + rng.normal(0, 12, 20)),
+                     pd.DataFrame({"image": rng.choice(["a", "b"], 40), "x": rng.uniform(0, 400, 40), "y": rng.uniform(0, 400, 40)})])
+    det = det.assign(score=np.round(rng.uniform(0, 1, len(det)), 1))  # ties on purpose
+    brute = max(((detection_counts(det, truth, radius_px=30, threshold=t)["pooled"]["f1"], -t) for t in np.unique(det["score"])))
+    t, counts = best_f1_threshold(det, truth, radius_px=30)
+    assert (counts["pooled"]["f1"], -t) == brute

@@ -104,13 +104,24 @@ def detection_counts(detections: pd.DataFrame, truth: pd.DataFrame, *, radius_px
 
 
 def best_f1_threshold(detections: pd.DataFrame, truth: pd.DataFrame, *, radius_px: float) -> tuple[float, dict]:
-    """The score threshold that maximises pooled F1 (ties: the lowest), and the counts there."""
-    candidates = np.unique(pd.to_numeric(detections["score"]).to_numpy(float)) if len(detections) else np.array([0.0])
-    best: tuple[float, dict] | None = None
-    for t in candidates:
-        got = detection_counts(detections, truth, radius_px=radius_px, threshold=float(t))
-        f1 = got["pooled"]["f1"]
-        if best is None or (np.isfinite(f1) and (not np.isfinite(best[1]["pooled"]["f1"]) or f1 > best[1]["pooled"]["f1"])):
-            best = (float(t), got)
-    assert best is not None
-    return best
+    """The score threshold that maximises pooled F1 (ties: the lowest), and the counts there.
+
+    One matching pass serves every threshold: matching is greedy by descending score within each
+    image, so the detections kept at a threshold are a prefix of that order and match exactly as
+    they do in the full pass; true positives are then a running sum down the sorted scores."""
+    if not len(detections):
+        return 0.0, detection_counts(detections, truth, radius_px=radius_px, threshold=0.0)
+    matched = match_detections(detections, truth, radius_px=radius_px)
+    scores = pd.to_numeric(matched["score"]).to_numpy(float)
+    order = np.argsort(-scores, kind="stable")
+    ranked = scores[order]
+    tp = np.cumsum(matched["match"].to_numpy()[order] >= 0)
+    ends = np.flatnonzero(np.r_[ranked[1:] != ranked[:-1], True])  # the last detection of each distinct score
+    denominator = (ends + 1) + len(truth)  # 2TP + FP + FN = detections kept + true figures
+    f1 = np.where(denominator > 0, 2 * tp[ends] / np.maximum(denominator, 1), np.nan)
+    if not np.isfinite(f1).any():
+        return float(ranked[-1]), detection_counts(detections, truth, radius_px=radius_px, threshold=float(ranked[-1]))
+    top = np.nanmax(f1)
+    pick = ends[np.flatnonzero(f1 == top)[-1]]  # the lowest threshold among the best
+    t = float(ranked[pick])
+    return t, detection_counts(detections, truth, radius_px=radius_px, threshold=t)
