@@ -30,7 +30,7 @@ import pandas as pd
 from PIL import Image
 
 from mitotype._io import write_csv, write_json
-from mitotype.data.candidates import find_candidates, padded_crop
+from mitotype.data.candidates import crop_all, find_candidates
 from mitotype.data.slides import PlainSource
 from mitotype.evaluation.detection import MATCH_RADIUS_UM, best_f1_threshold, detection_counts, match_detections
 from mitotype.evaluation.metrics import binary_metrics
@@ -56,8 +56,8 @@ def bare_forward(det: Detector, folder: Path, names: list[str]) -> float:
     for name in names:
         rgb = np.asarray(Image.open(folder / name).convert("RGB"))
         c = find_candidates(rgb, mpp=det.mpp, cfg=det.candidates)
-        crops = [padded_crop(rgb, x, y, det.ensemble.patch_size) for x, y in zip(c["x"], c["y"])]
-        batches += [np.stack(crops[s:s + INFERENCE_BATCH]) for s in range(0, len(crops), INFERENCE_BATCH)]
+        crops = crop_all(rgb, c["x"].to_numpy(), c["y"].to_numpy(), det.ensemble.patch_size)
+        batches += [crops[s:s + INFERENCE_BATCH] for s in range(0, len(crops), INFERENCE_BATCH)]
     start = time.perf_counter()
     for b in batches:
         det.scorer.p_atypical(b)

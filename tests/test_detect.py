@@ -269,3 +269,25 @@ def test_best_f1_threshold_equals_rematching_at_every_threshold() -> None:
     brute = max(((detection_counts(det, truth, radius_px=30, threshold=t)["pooled"]["f1"], -t) for t in np.unique(det["score"])))
     t, counts = best_f1_threshold(det, truth, radius_px=30)
     assert (counts["pooled"]["f1"], -t) == brute
+
+
+def test_crop_all_equals_padded_crop_everywhere() -> None:
+    from mitotype.data.candidates import crop_all
+
+    img = np.random.default_rng(0).integers(0, 255, (90, 70, 3), dtype=np.uint8)
+    xs, ys = np.array([0.0, 3.4, 35.0, 69.0, 50.6]), np.array([0.0, 88.0, 45.0, 2.0, 60.5])
+    got = crop_all(img, xs, ys, 32)
+    for k, (x, y) in enumerate(zip(xs, ys)):
+        assert np.array_equal(got[k], padded_crop(img, x, y, 32))
+
+
+def test_detections_move_to_the_blob_centre() -> None:
+    from mitotype.data.candidates import blob_centres
+
+    density = np.zeros((60, 60), np.float32)
+    density[20:31, 20:41] = 1.0  # a flat blob centred at (30, 25)
+    density[22, 22] = 2.0  # its darkest point, off centre
+    xy = blob_centres(density, np.array([22.0]), np.array([22.0]), fraction=0.4, window=30)
+    assert np.abs(xy[0] - [30.0, 25.0]).max() < 0.2
+    kept = blob_centres(density, np.array([5.0]), np.array([5.0]), fraction=0.5, window=10)
+    assert kept[0].tolist() == [5.0, 5.0]  # nothing there: the point stays

@@ -41,16 +41,38 @@ def hematoxylin_density(rgb: np.ndarray) -> np.ndarray:
     return np.maximum(od @ _H_FROM_OD.astype(np.float32), 0.0)
 
 
-def find_candidates(rgb: np.ndarray, *, mpp: float, cfg: CandidateConfig) -> pd.DataFrame:
-    """``x, y, od``: the haematoxylin peaks of ``rgb`` (pixels at ``mpp`` um/px), darkest first."""
+def smoothed_density(rgb: np.ndarray, *, mpp: float, cfg: CandidateConfig) -> np.ndarray:
+    """The haematoxylin density the candidates are the peaks of (Gaussian, ``cfg.sigma_um``)."""
     density = hematoxylin_density(rgb)
-    if cfg.sigma_um > 0:
-        density = ndimage.gaussian_filter(density, cfg.sigma_um / mpp, mode="reflect")
+    return ndimage.gaussian_filter(density, cfg.sigma_um / mpp, mode="reflect") if cfg.sigma_um > 0 else density
+
+
+def find_candidates(rgb: np.ndarray, *, mpp: float, cfg: CandidateConfig, density: np.ndarray | None = None) -> pd.DataFrame:
+    """``x, y, od``: the haematoxylin peaks of ``rgb`` (pixels at ``mpp`` um/px), darkest first."""
+    density = smoothed_density(rgb, mpp=mpp, cfg=cfg) if density is None else density
     distance = max(1, int(round(cfg.min_distance_um / mpp)))
     peaks = peak_local_max(density, min_distance=distance, threshold_abs=cfg.min_od, exclude_border=False)
     od = density[peaks[:, 0], peaks[:, 1]] if len(peaks) else np.empty(0, np.float32)
     order = np.argsort(-od, kind="stable")
     return pd.DataFrame({"x": peaks[order, 1].astype(np.float64), "y": peaks[order, 0].astype(np.float64), "od": od[order].astype(np.float64)})
+
+
+def blob_centres(density: np.ndarray, xs: np.ndarray, ys: np.ndarray, *, fraction: float, window: int) -> np.ndarray:
+    """(N, 2) centre of each peak's blob: the density-weighted centroid of the connected pixels
+    around the peak at (x, y) whose smoothed density reaches ``fraction`` of the peak's, within
+    ``window`` px. A peak sits on the darkest chromatin, a median 7.6 px from the annotated centre on
+    the mosaics; the blob's centre is 2.7 px from it, which the chained classifier's 64 px view needs."""
+    h, w = density.shape
+    out = np.column_stack([xs, ys]).astype(np.float64)
+    for k, (x, y) in enumerate(zip(np.round(xs).astype(int), np.round(ys).astype(int))):
+        x0, y0, x1, y1 = max(0, x - window), max(0, y - window), min(w, x + window + 1), min(h, y + window + 1)
+        box = density[y0:y1, x0:x1]
+        labels, _ = ndimage.label(box >= fraction * density[y, x])
+        rows, cols = np.nonzero(labels == labels[y - y0, x - x0])
+        weight = box[rows, cols]
+        if weight.sum() > 0:
+            out[k] = (x0 + (cols * weight).sum() / weight.sum(), y0 + (rows * weight).sum() / weight.sum())
+    return out
 
 
 def padded_crop(image: np.ndarray, x: float, y: float, size: int) -> np.ndarray:
@@ -63,6 +85,19 @@ def padded_crop(image: np.ndarray, x: float, y: float, size: int) -> np.ndarray:
         image = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect" if pad < min(h, w) else "edge")
         x0, y0 = x0 + pad, y0 + pad
     return image[y0:y0 + size, x0:x0 + size]
+
+
+def crop_all(image: np.ndarray, xs: np.ndarray, ys: np.ndarray, size: int) -> np.ndarray:
+    """(N, size, size, 3): :func:`padded_crop` at each (x, y), with the image mirrored once for all."""
+    if len(xs) == 0:
+        return np.empty((0, size, size, 3), np.uint8)
+    half = size // 2
+    h, w = image.shape[:2]
+    pad = half + size
+    big = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect" if pad < min(h, w) else "edge")
+    x0 = np.round(xs).astype(np.int64) - half + pad
+    y0 = np.round(ys).astype(np.int64) - half + pad
+    return np.stack([big[b:b + size, a:a + size] for a, b in zip(x0, y0)])
 
 
 def label_candidates(candidates: pd.DataFrame, truth_xy: np.ndarray, radius_px: float) -> np.ndarray:

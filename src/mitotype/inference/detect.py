@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from mitotype.config import CandidateConfig
-from mitotype.data.candidates import find_candidates, padded_crop
+from mitotype.data.candidates import blob_centres, crop_all, find_candidates, smoothed_density
 from mitotype.data.points import PointTable
 from mitotype.data.slides import Source, model_mpp
 from mitotype.data.tiles import Tile, tile_grid
@@ -73,16 +73,28 @@ class Detector:
         sway suppression in the core (two suppression radii), so every patch scored holds real pixels."""
         return self.ensemble.patch_size // 2 + int(math.ceil(2 * self.candidates.nms_um / self.mpp))
 
-    def candidate_patches(self, rgb: np.ndarray, within: tuple[float, float, float, float] | None = None) -> tuple[pd.DataFrame, np.ndarray]:
+    def candidate_patches(self, rgb: np.ndarray, within: tuple[float, float, float, float] | None = None
+                          ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
         """``x, y, od`` of the candidates of ``rgb`` (pixels at the detector's mpp; only those inside
-        the box ``within`` = x0, y0, x1, y1 when given) and their patches."""
-        cands = find_candidates(rgb, mpp=self.mpp, cfg=self.candidates)
+        the box ``within`` = x0, y0, x1, y1 when given), their patches and the smoothed density."""
+        density = smoothed_density(rgb, mpp=self.mpp, cfg=self.candidates)
+        cands = find_candidates(rgb, mpp=self.mpp, cfg=self.candidates, density=density)
         if within is not None:
             x0, y0, x1, y1 = within
             cands = cands[(cands["x"] >= x0) & (cands["x"] < x1) & (cands["y"] >= y0) & (cands["y"] < y1)].reset_index(drop=True)
         size = self.ensemble.patch_size
-        crops = [padded_crop(rgb, x, y, size) for x, y in zip(cands["x"].to_numpy(), cands["y"].to_numpy())]
-        return cands, np.stack(crops) if crops else np.empty((0, size, size, 3), np.uint8)
+        return cands, crop_all(rgb, cands["x"].to_numpy(), cands["y"].to_numpy(), size), density
+
+    def recentre(self, kept: pd.DataFrame, density: np.ndarray, offset: tuple[int, int] = (0, 0)) -> pd.DataFrame:
+        """Detections moved from their peak to their blob's centre (:func:`blob_centres`; the
+        candidates' ``recentre_fraction``, 0 = off); ``offset`` is where ``density`` starts."""
+        c = self.candidates
+        if c.recentre_fraction <= 0 or kept.empty:
+            return kept
+        window = max(1, int(round(c.recentre_um / self.mpp)))
+        xy = blob_centres(density, kept["x"].to_numpy() - offset[0], kept["y"].to_numpy() - offset[1],
+                          fraction=c.recentre_fraction, window=window)
+        return kept.assign(x=xy[:, 0] + offset[0], y=xy[:, 1] + offset[1])
 
     def score(self, patches: np.ndarray, *, batch_size: int = INFERENCE_BATCH) -> np.ndarray:
         scores = np.empty(len(patches), dtype=np.float64)
@@ -92,16 +104,18 @@ class Detector:
 
     def score_candidates(self, rgb: np.ndarray) -> pd.DataFrame:
         """``x, y, od, score`` for every candidate of ``rgb`` (pixels at the detector's mpp)."""
-        cands, patches = self.candidate_patches(rgb)
+        cands, patches, _ = self.candidate_patches(rgb)
         return cands.assign(score=self.score(patches))
 
     def detect_array(self, rgb: np.ndarray, *, min_score: float | None = None) -> pd.DataFrame:
         """``x, y, score`` of the figures in a whole image held in memory (pixels at the detector's mpp)."""
         floor = self.threshold if min_score is None else min_score
-        scored = self.score_candidates(rgb)
+        cands, patches, density = self.candidate_patches(rgb)
+        scored = cands.assign(score=self.score(patches))
         scored = scored[scored["score"] >= floor].reset_index(drop=True)
         keep = suppress(scored[["x", "y"]].to_numpy(), scored["score"].to_numpy(), self.candidates.nms_um / self.mpp)
-        return scored.iloc[np.sort(keep)][["x", "y", "score"]].reset_index(drop=True)
+        kept = scored.iloc[np.sort(keep)][["x", "y", "score"]].reset_index(drop=True)
+        return self.recentre(kept, density)
 
 
 def detection_tiles(size: tuple[int, int], *, tile: int, roi: tuple[int, int, int, int] | None = None) -> list[Tile]:
@@ -129,9 +143,10 @@ def detect_source(
     with ThreadPoolExecutor(1) as pool:
         pending = [pool.submit(_prepare_tile, detector, source, t, size) for t in grid[:1]]
         for done, t in enumerate(grid, 1):
-            cands, patches = pending.pop().result()
+            cands, patches, density, origin = pending.pop().result()
             pending += [pool.submit(_prepare_tile, detector, source, nxt, size) for nxt in grid[done:done + 1]]
-            found.append(_finish_tile(t, cands.assign(score=detector.score(patches)), floor, radius))
+            owned = _finish_tile(t, cands.assign(score=detector.score(patches)), floor, radius)
+            found.append(detector.recentre(owned, density, origin))
             if on_tile:
                 on_tile(done, len(grid))
     table = pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=["x", "y", "score"])
@@ -139,19 +154,21 @@ def detect_source(
     return table.assign(x=table["x"].astype(float) * scale, y=table["y"].astype(float) * scale)
 
 
-def _prepare_tile(detector: Detector, source: Source, t: Tile, size: tuple[int, int]) -> tuple[pd.DataFrame, np.ndarray]:
+def _prepare_tile(detector: Detector, source: Source, t: Tile, size: tuple[int, int]
+                  ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, tuple[int, int]]:
     """One tile read with ``detector.margin`` more on each side (clipped to the image): its
-    candidates (in detector pixels of the whole image) and their patches."""
+    candidates (in detector pixels of the whole image), their patches, the smoothed density and
+    where the read starts."""
     m, reach = detector.margin, 2 * detector.candidates.nms_um / detector.mpp  # a suppression chain of two links
     box = (max(0, t.x0 - m), max(0, t.y0 - m), min(size[0], t.x1 + m), min(size[1], t.y1 + m))
     cx0, cy0, cx1, cy1 = t.core
     within = (cx0 - reach - box[0], cy0 - reach - box[1], cx1 + reach - box[0], cy1 + reach - box[1])
-    cands, patches = detector.candidate_patches(source.region(box, detector.mpp), within)
-    return cands.assign(x=cands["x"] + box[0], y=cands["y"] + box[1]), patches
+    cands, patches, density = detector.candidate_patches(source.region(box, detector.mpp), within)
+    return cands.assign(x=cands["x"] + box[0], y=cands["y"] + box[1]), patches, density, (box[0], box[1])
 
 
 def _finish_tile(t: Tile, scored: pd.DataFrame, floor: float, radius: float) -> pd.DataFrame:
-    """Candidates near the core are suppressed together; those the core owns are kept."""
+    """Candidates near the core are suppressed together; those whose peak the core owns are kept."""
     cx0, cy0, cx1, cy1 = t.core
     near = (scored["x"] >= cx0 - radius) & (scored["x"] < cx1 + radius) & (scored["y"] >= cy0 - radius) & (scored["y"] < cy1 + radius)
     scored = scored[near & (scored["score"] >= floor)].reset_index(drop=True)
