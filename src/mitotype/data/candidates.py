@@ -29,6 +29,7 @@ from mitotype.errors import MitotypeError
 # inverse of the stain matrix that gives the haematoxylin density from the optical densities.
 _H_FROM_OD = np.linalg.inv(np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
                            / np.linalg.norm([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], axis=1, keepdims=True))[:, 0]
+_OD_TABLE = (-np.log(np.maximum(np.arange(256, dtype=np.float32), 1.0) / 255.0))[:, None].astype(np.float32)  # per 8-bit value
 CANDIDATE_COLUMNS = ("x", "y", "od")
 SET_NAME = "candidates.csv"
 
@@ -37,8 +38,8 @@ def hematoxylin_density(rgb: np.ndarray) -> np.ndarray:
     """(H, W) float32 haematoxylin optical density of an 8-bit RGB image (0 = no stain)."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise MitotypeError(f"expected an (H, W, 3) uint8 RGB image, got {rgb.dtype} {rgb.shape}")
-    od = -np.log(np.maximum(rgb.astype(np.float32), 1.0) / 255.0)
-    return np.maximum(od @ _H_FROM_OD.astype(np.float32), 0.0)
+    weighted = _OD_TABLE * _H_FROM_OD.astype(np.float32)  # (256, 3): each channel's value's share of the density
+    return np.maximum(weighted[rgb[..., 0], 0] + weighted[rgb[..., 1], 1] + weighted[rgb[..., 2], 2], 0.0)
 
 
 def smoothed_density(rgb: np.ndarray, *, mpp: float, cfg: CandidateConfig) -> np.ndarray:
