@@ -176,14 +176,14 @@ def test_detect_command_finds_the_figures_and_resumes(tiny_detector: Path, tmp_p
     import mitotype.workflows.detect as wf
 
     again = tmp_path / "again.csv"
-    monkeypatch.setattr(wf, "detect_source", _fail_after(detect_module.detect_source, 1))
+    monkeypatch.setattr(wf, "detect_many", _stop_after_images(detect_module.detect_many, 1))
     with pytest.raises(KeyboardInterrupt):
         wf.detect(tiny_detector, tmp_path / "scenes", again, backend="torch", tile=128)
     saved = json.loads((tmp_path / "again.csv.partial" / "run.json").read_text())
     assert list(saved["done"]) == ["scene_0.png"] and not again.exists()
     marker = tmp_path / "again.csv.partial" / saved["done"]["scene_0.png"]
     pd.read_csv(marker).assign(score=0.99).to_csv(marker, index=False)
-    monkeypatch.setattr(wf, "detect_source", detect_module.detect_source)
+    monkeypatch.setattr(wf, "detect_many", detect_module.detect_many)
     with pytest.raises(MitotypeError, match="resume"):  # other options than the interrupted run
         wf.detect(tiny_detector, tmp_path / "scenes", again, backend="torch", tile=256, resume=True)
     table = wf.detect(tiny_detector, tmp_path / "scenes", again, backend="torch", tile=128, resume=True)
@@ -199,14 +199,14 @@ def _dark(det: Detector) -> Detector:
     return det
 
 
-def _fail_after(fn, n: int):
-    calls = {"n": 0}
+def _stop_after_images(fn, n: int):
+    """detect_many that is interrupted (as by Ctrl-C) once ``n`` images have come out."""
 
     def wrapped(*a, **k):
-        if calls["n"] >= n:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return fn(*a, **k)
+        for i, item in enumerate(fn(*a, **k)):
+            if i >= n:
+                raise KeyboardInterrupt
+            yield item
 
     return wrapped
 

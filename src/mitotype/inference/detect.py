@@ -13,10 +13,11 @@ at the classifier's resolution), as ``mitotype points`` would.
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -132,26 +133,89 @@ def detect_source(
     tiles: list[Tile] | None = None,
 ) -> pd.DataFrame:
     """``x, y, score`` in level-0 pixels of ``source``, tile by tile (see the module's note). ``roi``
-    and ``tiles`` are in detector pixels; ``on_tile(done, total)`` hears each tile. A thread reads the
-    next tile and cuts its candidates' patches while the network scores this one."""
-    target = detector.mpp
-    size = source.size_at(target)
-    grid = tiles if tiles is not None else detection_tiles(size, tile=tile, roi=roi)
+    and ``tiles`` are in detector pixels; ``on_tile(done, total)`` hears each tile."""
+    progress = (lambda _name, done, total: on_tile(done, total)) if on_tile else None
+    jobs = [("", lambda: source, False)]
+    return next(detect_many(detector, jobs, min_score=min_score, tile=tile, roi=roi, tiles=tiles, on_tile=progress))[1]
+
+
+Opener = Callable[[], Source]
+
+
+def detect_many(
+    detector: Detector, jobs: Iterable[tuple[str, Opener, bool]], *, min_score: float | None = None, tile: int = TILE,
+    roi: tuple[int, int, int, int] | None = None, tiles: list[Tile] | None = None,
+    on_tile: Callable[[str, int, int], None] | None = None,
+) -> Iterator[tuple[str, pd.DataFrame]]:
+    """(name, detections in level-0 pixels) for each ``(name, open, close_after)`` job, in order.
+
+    One pipeline over every image and tile: a thread opens the images, reads the tiles and cuts
+    the candidates' patches one tile ahead while the network scores the current one, so an image
+    of a single tile overlaps with the next image's reading too. ``close_after``: close the source
+    when its last tile is read."""
     floor = detector.threshold if min_score is None else min_score
-    radius = detector.candidates.nms_um / target
-    found = []
-    with ThreadPoolExecutor(1) as pool:
-        pending = [pool.submit(_prepare_tile, detector, source, t, size) for t in grid[:1]]
-        for done, t in enumerate(grid, 1):
-            cands, patches, density, origin = pending.pop().result()
-            pending += [pool.submit(_prepare_tile, detector, source, nxt, size) for nxt in grid[done:done + 1]]
-            owned = _finish_tile(t, cands.assign(score=detector.score(patches)), floor, radius)
-            found.append(detector.recentre(owned, density, origin))
-            if on_tile:
-                on_tile(done, len(grid))
-    table = pd.concat(found, ignore_index=True) if found else pd.DataFrame(columns=["x", "y", "score"])
-    scale = target / source.level_mpps[0]  # detector pixels -> level-0 pixels
-    return table.assign(x=table["x"].astype(float) * scale, y=table["y"].astype(float) * scale)
+    radius = detector.candidates.nms_um / detector.mpp
+    ahead: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for name, open_source, close_after in jobs:
+                if stop.is_set():
+                    return
+                source = open_source()
+                try:
+                    size = source.size_at(detector.mpp)
+                    grid = tiles if tiles is not None else detection_tiles(size, tile=tile, roi=roi)
+                    scale = detector.mpp / source.level_mpps[0]
+                    if not grid:
+                        _put(ahead, stop, (name, None, 0, 0, scale, None))
+                    for k, t in enumerate(grid, 1):
+                        if stop.is_set():
+                            return
+                        _put(ahead, stop, (name, t, k, len(grid), scale, _prepare_tile(detector, source, t, size)))
+                finally:
+                    if close_after:
+                        source.close()
+        except BaseException as err:  # handed to the consumer, which raises it
+            _put(ahead, stop, err)
+        _put(ahead, stop, None)
+
+    worker = threading.Thread(target=produce, daemon=True)
+    worker.start()
+    found: list[pd.DataFrame] = []
+    try:
+        while (item := ahead.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            name, t, k, n, scale, prepared = item
+            if prepared is not None:
+                cands, patches, density, origin = prepared
+                owned = _finish_tile(t, cands.assign(score=detector.score(patches)), floor, radius)
+                found.append(detector.recentre(owned, density, origin))
+                if on_tile:
+                    on_tile(name, k, n)
+            if k == n:
+                table = pd.concat(found, ignore_index=True) if found else pd.DataFrame({"x": [], "y": [], "score": []})
+                found = []
+                yield name, table.assign(x=table["x"].astype(float) * scale, y=table["y"].astype(float) * scale)
+    finally:
+        stop.set()
+        while worker.is_alive():  # let the producer see the stop and end
+            try:
+                ahead.get_nowait()
+            except queue.Empty:
+                worker.join(timeout=0.05)
+
+
+def _put(q: queue.Queue, stop: threading.Event, item: object) -> None:
+    """Put unless the consumer has stopped (then drop it, so the producer can end)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
 
 
 def _prepare_tile(detector: Detector, source: Source, t: Tile, size: tuple[int, int]

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +22,7 @@ import pandas as pd
 from mitotype._io import check_output_file, write_csv, write_json
 from mitotype.data.slides import is_slide, open_source
 from mitotype.errors import MitotypeError
-from mitotype.inference.detect import Detector, detect_source, classify_detections, iter_inputs
+from mitotype.inference.detect import Detector, classify_detections, detect_many, iter_inputs
 from mitotype.inference.runtime import load_scorer
 
 Progress = Callable[[str, int, int], None]  # (input name, tiles done, tiles in this input)
@@ -56,14 +57,11 @@ def detect(
     chained = load_scorer(classifier, device=device, backend=backend, option="classifier") if classifier is not None else None
     key = _run_key(model, classifier, files, (mpp, slide_mpp, threshold, min_score, tile))
     done = _partial(out, key, resume)
-    for name, path in files:
-        if name in done:
-            continue
-        source = open_source(path, image_mpp=mpp or detector.mpp, slide_mpp=slide_mpp)
-        try:
-            found = detect_source(detector, source, min_score=min_score, tile=tile, on_tile=_tile_progress(progress, name))
-        finally:
-            source.close()
+    paths = dict(files)
+    jobs = [(name, partial(open_source, path, image_mpp=mpp or detector.mpp, slide_mpp=slide_mpp), True)
+            for name, path in files if name not in done]
+    for name, found in detect_many(detector, jobs, min_score=min_score, tile=tile, on_tile=progress):
+        path = paths[name]
         found.insert(0, "image", name)
         if chained is not None:
             found = classify_detections(found, {name: str(path)}, chained[0], chained[1], image_mpp=mpp, slide_mpp=slide_mpp)
@@ -72,13 +70,6 @@ def detect(
     write_points(table, out, fmt, mpp=detector.mpp)
     shutil.rmtree(partial_dir(out), ignore_errors=True)
     return table
-
-
-def _tile_progress(progress: Progress | None, name: str) -> Callable[[int, int], None] | None:
-    """``progress`` told about ``name``'s tiles, or nothing."""
-    if progress is None:
-        return None
-    return lambda done, total: progress(name, done, total)
 
 
 def _bad_format(fmt: str) -> str:
