@@ -40,7 +40,7 @@ from mitotype.inference.runtime import load_scorer
 from mitotype.models.ensemble import INFERENCE_BATCH
 
 sys.path.insert(0, str(Path(__file__).parent))
-from offset_study import cpu_name  # noqa: E402
+from offset_study import cpu_name
 
 
 def run_detector(det: Detector, folder: Path, names: list[str], floor: float) -> tuple[pd.DataFrame, float]:
