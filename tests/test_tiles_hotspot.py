@@ -66,3 +66,24 @@ def test_the_hotspot_is_the_densest_window_on_tissue() -> None:
     assert hotspot(np.zeros((0, 2)), extent_um=extent, area_mm2=HPF10_MM2).count == 0
     with pytest.raises(MitotypeError, match="does not match the cell grid"):
         hotspot(cluster, extent_um=extent, area_mm2=2.0, tissue=np.ones((3, 3), bool))
+
+
+def test_tissue_mask_keeps_pale_gaps_inside_tissue() -> None:
+    from mitotype.data.tiles import tissue_mask
+
+    thumb = np.full((40, 40, 3), 245, np.uint8)  # glass
+    thumb[5:35, 5:35] = (200, 120, 170)  # tissue
+    thumb[18:21, 18:21] = 240  # a pale gap inside it (lumen, fat, or a pale cell beside a figure)
+    mask = tissue_mask(thumb)
+    assert mask[19, 19] and mask[5:35, 5:35].all() and not mask[0:3].any() and not mask[:, 37:].any()
+    assert not tissue_mask(thumb, closing=0)[19, 19]
+
+
+def test_pale_tissue_is_tissue_when_glass_is_a_small_share() -> None:
+    from mitotype.data.tiles import tissue_mask
+
+    thumb = np.full((50, 50, 3), 243, np.uint8)  # a glass margin, 19% of the thumbnail
+    thumb[3:47, 3:47] = (150, 60, 120)  # dark, saturated tissue
+    thumb[5:45, 25:45] = (205, 170, 195)  # a pale region: saturation ~0.17, brightness ~0.75
+    mask = tissue_mask(thumb)
+    assert mask[5:45, 25:45].all() and mask[3:47, 3:47].all() and not mask[0:2].any()

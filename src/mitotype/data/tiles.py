@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from mitotype.errors import MitotypeError
 
@@ -73,20 +74,34 @@ def otsu_threshold(values: np.ndarray) -> float:
     return float(edges[int(np.argmax(between)) + 1])
 
 
-def tissue_mask(thumbnail: np.ndarray, *, min_saturation: float = 0.05) -> np.ndarray:
-    """Tissue (True) vs glass on an RGB uint8 thumbnail: Otsu on the saturation, H&E tissue being
-    coloured and glass grey-white; a thumbnail with no saturation above ``min_saturation`` is all glass,
-    and one whose less saturated Otsu class is itself clearly stained (median above twice that) has
-    no glass to find, so everything above ``min_saturation`` is tissue (a crop or mosaic of tissue)."""
+def tissue_mask(thumbnail: np.ndarray, *, min_saturation: float = 0.05, closing: int = 2, glass_brightness: float = 0.85) -> np.ndarray:
+    """Tissue (True) vs glass on an RGB uint8 thumbnail. Glass is bright and grey, H&E tissue darker
+    and coloured: Otsu on the brightness splits them (on the saturation it split pale tissue from
+    dark where glass was a small share of the slide), and a pixel must also have some colour
+    (``min_saturation``). When the brighter Otsu class is not glass-bright (its median under
+    ``glass_brightness``) there is no glass to find: everything coloured is tissue (a crop, a mosaic).
+    The mask is then closed and its holes filled (:func:`_close`)."""
     if thumbnail.ndim != 3 or thumbnail.shape[2] != 3:
         raise MitotypeError(f"tissue mask: expected an RGB thumbnail (H, W, 3), got shape {thumbnail.shape}")
     rgb = thumbnail.astype(np.float64) / 255
     mx, mn = rgb.max(axis=2), rgb.min(axis=2)
     saturation = np.divide(mx - mn, mx, out=np.zeros_like(mx), where=mx > 0)
-    if saturation.max() < min_saturation:
+    coloured = saturation > min_saturation
+    if not coloured.any():
         return np.zeros(saturation.shape, bool)
-    threshold = otsu_threshold(saturation)
-    below = saturation[saturation <= threshold]
-    if below.size and np.median(below) > 2 * min_saturation:  # no glass: Otsu would split stained tissue in two
-        return saturation > min_saturation
-    return saturation > max(threshold, min_saturation)
+    brightness = rgb.mean(axis=2)
+    threshold = otsu_threshold(brightness)
+    above = brightness[brightness > threshold]
+    if not above.size or np.median(above) < glass_brightness:  # no glass: Otsu would split the tissue in two
+        return coloured
+    return _close(coloured & (brightness <= threshold), closing)
+
+
+def _close(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """The mask closed (gaps of up to 2 x ``iterations`` pixels bridged) and its holes filled: pale
+    gaps inside tissue (lumen, fat, a pale cell beside a figure) belong to the tissue around them,
+    so no figure is lost because the thumbnail pixel it falls in averaged to pale."""
+    if iterations <= 0 or not mask.any():
+        return mask
+    closed = ndimage.binary_closing(np.pad(mask, iterations), iterations=iterations)[iterations:-iterations, iterations:-iterations]
+    return ndimage.binary_fill_holes(closed)
