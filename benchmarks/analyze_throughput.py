@@ -34,7 +34,7 @@ import numpy as np
 
 from _timing import Side, compare, cpu_line, markdown_table  # benchmarks/ is on the path when run as a script
 from mitotype._io import write_json
-from mitotype.data.candidates import find_candidates, padded_crop
+from mitotype.inference.detect import _prepare_tile
 from mitotype.data.slides import open_slide
 from mitotype.inference.detect import iter_inputs
 from mitotype.models.bundled import bundled_model_dir
@@ -132,15 +132,9 @@ def candidate_batches(slides: list[Path], models: Models, options: AnalyzeOption
         try:
             size = source.size_at(det.mpp)
             for t in plan_tiles(source, det, options, path.name).kept:
-                m = det.margin
-                box = (max(0, t.x0 - m), max(0, t.y0 - m), min(size[0], t.x1 + m), min(size[1], t.y1 + m))
-                rgb = source.region(box, det.mpp)
-                cands = find_candidates(rgb, mpp=det.mpp, cfg=det.candidates)
-                xs, ys = cands["x"].to_numpy(), cands["y"].to_numpy()
-                for s in range(0, len(cands), INFERENCE_BATCH):
-                    batches.append(np.stack([padded_crop(rgb, x, y, det.ensemble.patch_size)
-                                             for x, y in zip(xs[s:s + INFERENCE_BATCH], ys[s:s + INFERENCE_BATCH])]))
-                total += len(cands)
+                _, patches, _, _ = _prepare_tile(det, source, t, size)  # exactly the patches analyze scores
+                batches += [patches[s:s + INFERENCE_BATCH] for s in range(0, len(patches), INFERENCE_BATCH)]
+                total += len(patches)
                 if total > limit:
                     raise SystemExit(f"more than {limit} candidate patches: use fewer or smaller slides, or raise --max-patches")
         finally:

@@ -109,6 +109,21 @@ FIGURES = (
            r"\| balanced accuracy \(AUROC\) \| (\S+) \((\S+)\) \| (\S+) \((\S+)\) \| (\S+) \((\S+)\) \| (\S+) \((\S+)\) \| (\S+) \((\S+)\) \|",
            lambda b: tuple(f3(b["_results"]["offset-study"]["per_offset"][d][m]) for d in ("0", "5", "10", "20", "30")
                            for m in ("balanced_accuracy", "roc_auc"))),
+    Figure("bundled detector on fold-0 mosaics: precision, recall, F1 (benchmarks/results/detector-mosaics)", "readme",
+           r"precision \*\*(\S+)\*\*, recall \*\*(\S+)\*\*, F1 \*\*(\S+)\*\* at its threshold",
+           lambda b: tuple(f3(b["_results"]["detector-mosaics"]["at_threshold"][m]) for m in ("precision", "recall", "f1"))),
+    Figure("chained classifier at detections vs patch path (benchmarks/results/detector-mosaics)", "readme",
+           r"matched figures at balanced accuracy (\S+) against (\S+) on their own patches",
+           lambda b: tuple(f3(b["_results"]["detector-mosaics"]["chained"][k]["balanced_accuracy"])
+                           for k in ("points_path_at_detections", "patch_path_same_figures"))),
+    Figure("detect end to end vs bare forward (benchmarks/results/detector-mosaics)", "readme",
+           r"`detect` end to end runs at (\S+) mm²/min, (\S+)x \[(\S+)-(\S+)\] the detector's bare forward",
+           lambda b: (f"{b['_results']['detector-mosaics']['throughput']['detect_mm2_per_min']['median']:.1f}",
+                      *(f"{b['_results']['detector-mosaics']['throughput']['detect_over_bare'][k]:.2f}" for k in ("median", "min", "max")))),
+    Figure("analyze vs detect on synthetic slides (benchmarks/results/analyze-synthetic-slides)", "results",
+           r"\| `analyze` \(Otsu tissue mask\) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\S+) \| (\S+) \| (\S+) \|",
+           lambda b: (*(str(b["_results"]["analyze-synthetic-slides"]["analyze"][k]) for k in ("detections", "tp", "fp", "fn")),
+                      *(f3(b["_results"]["analyze-synthetic-slides"]["analyze"][k]) for k in ("precision", "recall", "f1")))),
     Figure("default predict vs the old torch path (benchmarks/results/fast-by-default)", "readme",
            r"default `predict` is \*\*(\S+)x\*\* \((\S+)-(\S+) over 3 rounds\)",
            lambda b: tuple(f"{b['_results']['fast-by-default']['sides']['default'][k]:.2f}"
