@@ -124,6 +124,9 @@ FIGURES = (
            r"\| `analyze` \(Otsu tissue mask\) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| (\S+) \| (\S+) \| (\S+) \|",
            lambda b: (*(str(b["_results"]["analyze-synthetic-slides"]["analyze"][k]) for k in ("detections", "tp", "fp", "fn")),
                       *(f3(b["_results"]["analyze-synthetic-slides"]["analyze"][k]) for k in ("precision", "recall", "f1")))),
+    Figure("analyze end to end vs bare forward, tissue rate (benchmarks/results/analyze-throughput)", "readme",
+           r"End to end it runs at (\S+) mm² of tissue per minute, \*\*(\S+)x\*\* the detector's bare forward",
+           lambda b: (f"{b['_results']['analyze-throughput']['tissue_mm2_per_min']:.1f}", f"{b['_results']['analyze-throughput']['end_to_end_vs_bare']:.2f}")),
     Figure("default predict vs the old torch path (benchmarks/results/fast-by-default)", "readme",
            r"default `predict` is \*\*(\S+)x\*\* \((\S+)-(\S+) over 3 rounds\)",
            lambda b: tuple(f"{b['_results']['fast-by-default']['sides']['default'][k]:.2f}"
