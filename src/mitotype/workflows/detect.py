@@ -1,6 +1,6 @@
 """``mitotype detect``: figures in images, folders or slides, optionally classified, in one file.
 
-Each input is detected tile by tile (:func:`mitotype.inference.detect.detect_source`); its
+Each input is detected tile by tile (:func:`mitotype.inference.detect.detect_many`); its
 detections are written to ``OUT.partial/`` as soon as it is done, so an interrupted run continues
 with ``resume`` from the next input, and the final file (CSV, GeoJSON, ASAP XML or MIDOG JSON) is
 written atomically at the end. With a classifier chained (the bundled one by default), each
@@ -20,7 +20,7 @@ from typing import Callable
 import pandas as pd
 
 from mitotype._io import check_output_file, write_csv, write_json
-from mitotype.data.slides import is_slide, open_source
+from mitotype.data.slides import open_source
 from mitotype.errors import MitotypeError
 from mitotype.inference.detect import Detector, classify_detections, detect_many, iter_inputs
 from mitotype.inference.runtime import load_scorer
@@ -110,4 +110,4 @@ def _save_partial(out: Path, key: str, done: dict[str, pd.DataFrame], name: str,
     write_json(folder / "run.json", {"key": key, "done": {**listed, name: file}})
 
 
-__all__ = ["detect", "is_slide", "partial_dir"]
+__all__ = ["detect", "partial_dir"]
