@@ -158,9 +158,10 @@ def write_candidate_set(points: PointTable, out: Path, *, cfg: CandidateConfig, 
         hard = pd.concat([cands[cands["marked"]], hard])
         group = str(truth[group_col].mode().iloc[0]) if group_col and len(truth) else name
         for kind, part in (("mitosis", pos), ("lookalike", pd.concat([hard, easy]))):
-            for x, y, od in part[["x", "y", "od"]].itertuples(index=False):
+            patches = crop_all(rgb, part["x"].to_numpy(), part["y"].to_numpy(), patch_size)  # the image mirrored once
+            for (x, y, od), patch in zip(part[["x", "y", "od"]].itertuples(index=False), patches):
                 file = out / "patches" / f"{Path(name).stem}_{int(x)}_{int(y)}.png"
-                Image.fromarray(padded_crop(rgb, x, y, patch_size)).save(file)
+                Image.fromarray(patch).save(file)
                 rows.append({"path": str(file.relative_to(out)), "label": int(kind == "mitosis"), "group": group,
                              "image": name, "x": x, "y": y, "od": od})
     manifest = pd.DataFrame(rows, columns=["path", "label", "group", "image", "x", "y", "od"])

@@ -221,6 +221,7 @@ def _train_epoch(cfg: Config, model: MitotypeModel, store: BatchSource, order: n
     loss_sum = torch.zeros((), device=device)
     seen: dict[str, torch.Tensor] = {}
     hook = None
+    label_col = next(iter(model.head_specs.values())).target  # the InCDP term's classes: the first head's target
     if cfg.loss.incdp_weight > 0:  # the features the heads read, for the InCDP term
         first_head = next(iter(model.heads.values()))
         hook = first_head.register_forward_pre_hook(lambda _m, args: seen.__setitem__("features", args[0]))
@@ -233,7 +234,6 @@ def _train_epoch(cfg: Config, model: MitotypeModel, store: BatchSource, order: n
             outputs = model(batch)
         loss = criterion(outputs, targets)
         if hook is not None:
-            label_col = next(iter(model.head_specs.values())).target
             loss = loss + cfg.loss.incdp_weight * diversity_loss(seen["features"], targets[label_col])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -43,9 +43,9 @@ def detect(
     ``slide_mpp``). Detections scoring at least ``min_score`` (default: the detector's threshold)
     are kept, so a lower floor gives the whole precision-recall curve to ``evaluate-detections``.
     """
-    from mitotype.data.point_formats import PointFormat, write_points
+    from mitotype.data.point_formats import point_format, write_points
 
-    fmt = PointFormat(fmt).value if fmt in {f.value for f in PointFormat} else _bad_format(fmt)
+    fmt = point_format(fmt).value
     check_output_file(out, "out")
     for name, value in (("mpp", mpp), ("slide_mpp", slide_mpp), ("min_score", min_score)):
         if value is not None and not (math.isfinite(value) and 0 <= value < (1 if name == "min_score" else 100)):
@@ -70,12 +70,6 @@ def detect(
     write_points(table, out, fmt, mpp=detector.mpp)
     shutil.rmtree(partial_dir(out), ignore_errors=True)
     return table
-
-
-def _bad_format(fmt: str) -> str:
-    from mitotype.data.point_formats import PointFormat
-
-    raise MitotypeError(f"{{format}} '{fmt}': must be one of {', '.join(f.value for f in PointFormat)}", options=("format",))
 
 
 def _run_key(model: Path, classifier: Path | None, files: list[tuple[str, Path]], options: tuple) -> str:
