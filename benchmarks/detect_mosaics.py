@@ -40,7 +40,7 @@ from mitotype.inference.runtime import load_scorer
 from mitotype.models.ensemble import INFERENCE_BATCH
 
 sys.path.insert(0, str(Path(__file__).parent))
-from offset_study import cpu_name
+from _timing import cpu_line
 
 
 def run_detector(det: Detector, folder: Path, names: list[str], floor: float) -> tuple[pd.DataFrame, float]:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         "matched_offset_px": {"median": float(np.median(offset)) if len(offset) else None,
                               "p90": float(np.percentile(offset, 90)) if len(offset) else None,
                               "share_within_10px": float(np.mean(offset <= 10)) if len(offset) else None},
-        "detect_seconds_all_images": seconds, "backend": det.scorer.name, "cpu": cpu_name(),
+        "detect_seconds_all_images": seconds, "backend": det.scorer.name, "cpu": cpu_line(),
         "command": "benchmarks/detect_mosaics.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print(f"{len(names)} images, {len(truth)} figures: at {det.threshold:.3f} precision {at['precision']:.3f} recall {at['recall']:.3f} "

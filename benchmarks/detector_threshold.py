@@ -23,8 +23,8 @@ from mitotype.inference.detect import Detector
 from mitotype.models.artifact import set_card_threshold
 
 sys.path.insert(0, str(Path(__file__).parent))
-from detect_mosaics import run_detector  # noqa: E402
-from offset_study import cpu_name  # noqa: E402
+from detect_mosaics import run_detector
+from _timing import cpu_line
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     t, counts = best_f1_threshold(table, truth[truth["image"].isin(names)], radius_px=MATCH_RADIUS_UM / det.mpp)
     best = counts["pooled"]
     summary = {"model": str(args.model), "mosaics": str(args.mosaics), "images": len(names), "threshold": t, "at_threshold": best,
-               "seconds": seconds, "cpu": cpu_name(), "command": "benchmarks/detector_threshold.py " + " ".join(argv or sys.argv[1:])}
+               "seconds": seconds, "cpu": cpu_line(), "command": "benchmarks/detector_threshold.py " + " ".join(argv or sys.argv[1:])}
     print(f"F1-maximising threshold on {len(names)} training-fold mosaics: {t:.3f} (F1 {best['f1']:.3f}, precision "
           f"{best['precision']:.3f}, recall {best['recall']:.3f})")
     if args.write_card:

@@ -47,20 +47,11 @@ from mitotype.config import load_config
 from mitotype.data.mosaic import BORDER, CUT_RADII, DISC_FEATHER, MIN_DISTANCE, Mosaic, select_fold, write_mosaics
 from mitotype.data.readers import read_dataset
 from mitotype.evaluation.detection import MATCH_RADIUS_UM, best_f1_threshold
+from _timing import cpu_line  # benchmarks/ is on the path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ("dark_blobs", "ring_gradient_seeing_figures", "ring_colour_seeing_figures")  # they look at the figures: not layout-only
 LEVELS = 256  # scores are replaced by their rank level (monotone) so the threshold search stays short
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def grid_points(size: int, n: float) -> np.ndarray:
@@ -212,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     layout_only = [r for r in results if r["baseline"] not in REFERENCE]
     report = {
         "command": " ".join(["python", "benchmarks/mosaic_baselines.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]),
-        "cpu": cpu_model(), "seed": args.seed, "mosaics": {k: summary[k] for k in ("n_images", "n_figures", "n_atypical", "n_normal", "n_slides",
+        "cpu": cpu_line(), "seed": args.seed, "mosaics": {k: summary[k] for k in ("n_images", "n_figures", "n_atypical", "n_normal", "n_slides",
                                                                                     "size", "mpp", "area_mm2", "figure_free_area_mm2", "selection",
                                                                                     "version")},
         "match_radius_px": radius_px, "threshold": "each baseline at its F1-maximising score threshold (scores as rank levels)",

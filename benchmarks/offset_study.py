@@ -14,12 +14,12 @@ own offsets (how far its detections lie from the true centres on the mosaics) ar
 from __future__ import annotations
 
 import argparse
-import platform
 from pathlib import Path
 
 import numpy as np
 
 from _patches import DEFAULT_DATA  # benchmarks/ is on the path when run as a script
+from _timing import cpu_line
 from mitotype._io import write_csv, write_json
 from mitotype.config import load_config
 from mitotype.data.candidates import padded_crop
@@ -37,13 +37,6 @@ def shifted(batch: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
     """Each patch re-centred on (c + dx, c + dy): the figure lands (dx, dy) px from the centre."""
     c = batch.shape[1] // 2
     return np.stack([padded_crop(img, c + x, c + y, batch.shape[1]) for img, x, y in zip(batch, dx, dy)])
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -87,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     write_csv(args.out / "oof_predictions.csv", data.manifest[["path", "label", "group", "domain"]].assign(
         fold=fold_of, angle=angle, **{f"p_offset_{d}": p[d] for d in OFFSETS}))
     summary = {"model": str(folder), "recipe": recipe, "folds": k, "threshold": t, "n": int(len(y)), "offsets_px": list(OFFSETS),
-               "mpp": 0.25, "per_offset": per_offset, "seed": args.seed, "backend": args.backend, "cpu": cpu_name(),
+               "mpp": 0.25, "per_offset": per_offset, "seed": args.seed, "backend": args.backend, "cpu": cpu_line(),
                "command": "benchmarks/offset_study.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])}
     write_json(args.out / "summary.json", summary)
     return summary
