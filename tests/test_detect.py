@@ -224,6 +224,23 @@ def test_old_runs_without_the_detection_sections_still_resume(tmp_path: Path) ->
         config_change(tmp_path / "config.yaml", load_config("detector-lite0")) != ""
 
 
+def test_old_runs_without_a_newer_field_still_resume(tmp_path: Path) -> None:
+    """A field added to a section since the run was made counts only when it is set off its default."""
+    import yaml
+
+    from mitotype.config import Config, config_change, dump_config
+
+    saved = yaml.safe_load(dump_config(Config()))
+    del saved["augment"]["stain_mix_max"], saved["train"]["diverse_clusters"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert config_change(tmp_path / "config.yaml", Config()) == ""
+    changed = load_config(None, ["augment.stain_mix_max=0.5"])
+    assert config_change(tmp_path / "config.yaml", changed).startswith("augment.stain_mix_max")
+    saved["augment"]["hue"] = 0.3  # a field the run had, changed: still refused
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert config_change(tmp_path / "config.yaml", Config()).startswith("augment.hue")
+
+
 def test_bad_candidate_config_is_one_line() -> None:
     with pytest.raises(MitotypeError, match=r"candidates\.nms_um"):
         load_config("detector-lite0", ["candidates.nms_um=-3"])

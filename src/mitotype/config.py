@@ -575,11 +575,19 @@ def config_change(path: Path, cfg: Config) -> str:
     old, new = (yaml.safe_load(text) or {} for text in (path.read_text(), dump_config(cfg)))
     for values in (old, new):
         values.get("train", {}).pop("device", None)
-    defaults = yaml.safe_load(dump_config(Config()))
-    for key in set(new) - set(old):  # a section added since the run was made counts only when it is not the default
-        if new[key] == defaults.get(key):
-            del new[key]
+    _drop_new_defaults(old, new, yaml.safe_load(dump_config(Config())))
     return first_difference(old, new)
+
+
+def _drop_new_defaults(old: dict, new: dict, defaults: dict) -> None:
+    """Remove from ``new`` the sections and fields added since the run was made (absent from ``old``)
+    that hold their default: a newer mitotype's options, left alone, change nothing it learned."""
+    for key in set(new) - set(old):
+        if isinstance(defaults, dict) and key in defaults and new[key] == defaults[key]:
+            del new[key]
+    for key in set(new) & set(old):
+        if isinstance(new[key], dict) and isinstance(old[key], dict):
+            _drop_new_defaults(old[key], new[key], defaults.get(key, {}) if isinstance(defaults, dict) else {})
 
 
 def first_difference(old: Any, new: Any, where: str = "") -> str:
