@@ -3,6 +3,7 @@ resolution, cards that say what they are, and the `data candidates` / `detect` c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -62,6 +63,17 @@ def test_candidates_reach_every_figure_darkest_first() -> None:
     assert all(np.hypot(top3["x"] - fx, top3["y"] - fy).min() <= 3 for fx, fy in figures)
 
 
+def test_a_coarser_density_grid_finds_the_same_figures_on_the_grid() -> None:
+    figures = [(60.0, 60.0), (190.0, 80.0), (120.0, 200.0)]
+    img = scene((256, 256), figures, seed=3)
+    fine = find_candidates(img, mpp=0.25, cfg=CandidateConfig())
+    coarse = find_candidates(img, mpp=0.25, cfg=CandidateConfig(grid_um=0.5))
+    assert (coarse[["x", "y"]].to_numpy() % 2 == 0.5).all()  # the centres of the 2 x 2 blocks of the grid
+    assert len(coarse) < len(fine) * 1.2
+    for fx, fy in figures:  # the darkest three are still the figures, within a grid step of the fine peak
+        assert np.hypot(coarse.head(3)["x"] - fx, coarse.head(3)["y"] - fy).min() <= 4
+
+
 def test_label_candidates_one_positive_per_figure_and_ambiguous_ones_left_out() -> None:
     cands = pd.DataFrame({"x": [10.0, 14.0, 100.0, 40.0], "y": [10.0, 10.0, 100.0, 10.0]})
     labels = label_candidates(cands, np.array([[12.5, 10.0]]), radius_px=30)
@@ -82,14 +94,16 @@ def test_padded_crop_is_centred_and_mirrors_outside() -> None:
     assert np.array_equal(edge[4:, 4:], img[:4, :4]) and np.array_equal(edge[3, 4:], img[1, :4])  # reflected
 
 
-def test_tiles_give_the_same_detections_as_the_whole_image(tiny_detector: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("grid_um", [0.0, 0.5])
+def test_tiles_give_the_same_detections_as_the_whole_image(tiny_detector: Path, tmp_path: Path, grid_um: float) -> None:
     figures = [(40.0, 40.0), (150.0, 70.0), (100.0, 230.0), (250.0, 250.0), (63.0, 150.0)]
     img = scene((300, 280), figures, seed=5)
     Image.fromarray(img).save(tmp_path / "scene.png")
     det = darkness_detector(tiny_detector)
+    det.candidates = dataclasses.replace(det.candidates, grid_um=grid_um)
     whole = det.detect_array(img)
     source = PlainSource(tmp_path / "scene.png", 0.25)
-    tiled = detect_source(det, source, tile=64)
+    tiled = detect_source(det, source, tile=63 if grid_um else 64)  # 63: reads that start off the density's grid
     key = ["x", "y"]
     assert len(whole) >= len(figures)
     pd.testing.assert_frame_equal(tiled.sort_values(key).reset_index(drop=True), whole.sort_values(key).reset_index(drop=True))

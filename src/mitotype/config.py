@@ -302,6 +302,7 @@ class CandidateConfig:
     negatives_per_figure: int = 4  # look-alikes kept per true figure when building a training set
     recentre_fraction: float = 0.5  # move each detection to its blob's centre (pixels above this share of the peak); 0 = off
     recentre_um: float = 8.0  # ... within this distance of the peak
+    grid_um: float = 0.0  # the density's sampling: every pixel (0) or one sample per grid_um (0.5 at 0.25 um/px: a quarter of the work)
 
 
 @dataclass
@@ -521,7 +522,7 @@ def validate_candidates(c: CandidateConfig, where: str = "config candidates") ->
     """Ranges of the candidate finder's settings (also checked when a detector's card is read)."""
     limits = {"sigma_um": (0.0, 10.0), "min_od": (0.0, 5.0), "min_distance_um": (0.0, 50.0), "nms_um": (0.0, 100.0),
               "radius_um": (0.1, 100.0), "negatives_per_figure": (0, 10_000), "recentre_fraction": (0.0, 1.0),
-              "recentre_um": (0.5, 50.0)}
+              "recentre_um": (0.5, 50.0), "grid_um": (0.0, 2.0)}
     for name, (lo, hi) in limits.items():
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not lo <= value <= hi:

@@ -99,7 +99,7 @@ def _overview(thumbnail: np.ndarray, mask: np.ndarray, points: np.ndarray, label
         cx, cy = x * scale, y * scale
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=COLOURS.get(label, COLOURS["mitosis"]), width=2)
     _draw_boxes(draw, boxes, scale)
-    return _png(im)
+    return _jpeg(im)
 
 
 def _heatmap(thumbnail: np.ndarray, mask: np.ndarray, points: np.ndarray, boxes: Sequence[Box], scale: float, sigma: float) -> bytes:
@@ -124,7 +124,7 @@ def _heatmap(thumbnail: np.ndarray, mask: np.ndarray, points: np.ndarray, boxes:
     grey = Image.fromarray(thumbnail).convert("L").point(lambda v: v // 2 + 110).convert("RGB")
     im = _resized(np.asarray(Image.composite(heat, grey, lv.point(lambda v: min(217, v * 3 // 2)))), scale)
     _draw_boxes(ImageDraw.Draw(im), boxes, scale)
-    return _png(im)
+    return _jpeg(im)
 
 
 def _draw_boxes(draw: ImageDraw.ImageDraw, boxes: Sequence[Box], scale: float) -> None:
@@ -139,9 +139,18 @@ def _png(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _img(png: bytes, ident: str, alt: str) -> str:
+def _jpeg(im: Image.Image) -> bytes:
+    """The slide views: photographs, so JPEG (4:4:4, quality 90: the rings stay sharp) encodes them in
+    a tenth of PNG's time, which on a small slide is a tenth of the analysis."""
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=90, subsampling=0)
+    return buf.getvalue()
+
+
+def _img(data: bytes, ident: str, alt: str) -> str:
     where = f" id='{ident}'" if ident else ""
-    return f"<img{where} alt='{esc(alt)}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+    mime = "jpeg" if data[:2] == b"\xff\xd8" else "png"
+    return f"<img{where} alt='{esc(alt)}' src='data:image/{mime};base64,{base64.b64encode(data).decode()}'>"
 
 
 def _kv_table(rows: Sequence[tuple[Any, Any]], ident: str) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from mitotype.config import CandidateConfig
-from mitotype.data.candidates import blob_centres, crop_all, find_candidates, smoothed_density
+from mitotype.data.candidates import blob_centres, crop_all, find_candidates, grid_step, smoothed_density
 from mitotype.data.points import PointTable
 from mitotype.data.slides import Source, model_mpp
 from mitotype.data.tiles import Tile, tile_grid
@@ -92,9 +92,11 @@ class Detector:
         c = self.candidates
         if c.recentre_fraction <= 0 or kept.empty:
             return kept
-        window = max(1, int(round(c.recentre_um / self.mpp)))
-        xy = blob_centres(density, kept["x"].to_numpy() - offset[0], kept["y"].to_numpy() - offset[1],
-                          fraction=c.recentre_fraction, window=window)
+        step = grid_step(c, self.mpp)  # density samples are every step-th pixel from offset
+        window = max(1, int(round(c.recentre_um / (self.mpp * step))))
+        half = (step - 1) / 2  # sample i is the block centred on pixel i * step + half
+        xy = blob_centres(density, (kept["x"].to_numpy() - offset[0] - half) / step, (kept["y"].to_numpy() - offset[1] - half) / step,
+                          fraction=c.recentre_fraction, window=window) * step + half
         return kept.assign(x=xy[:, 0] + offset[0], y=xy[:, 1] + offset[1])
 
     def score(self, patches: np.ndarray, *, batch_size: int = INFERENCE_BATCH) -> np.ndarray:
@@ -224,7 +226,9 @@ def _prepare_tile(detector: Detector, source: Source, t: Tile, size: tuple[int, 
     candidates (in detector pixels of the whole image), their patches, the smoothed density and
     where the read starts."""
     m, reach = detector.margin, 2 * detector.candidates.nms_um / detector.mpp  # a suppression chain of two links
-    box = (max(0, t.x0 - m), max(0, t.y0 - m), min(size[0], t.x1 + m), min(size[1], t.y1 + m))
+    step = grid_step(detector.candidates, detector.mpp)  # reads start on the density's grid, so tiles see the same samples
+    x0, y0 = max(0, t.x0 - m), max(0, t.y0 - m)
+    box = (x0 - x0 % step, y0 - y0 % step, min(size[0], t.x1 + m), min(size[1], t.y1 + m))
     cx0, cy0, cx1, cy1 = t.core
     within = (cx0 - reach - box[0], cy0 - reach - box[1], cx1 + reach - box[0], cy1 + reach - box[1])
     cands, patches, density = detector.candidate_patches(source.region(box, detector.mpp), within)
