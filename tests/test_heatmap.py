@@ -158,6 +158,11 @@ def test_a_heatmap_card_round_trips_and_bad_settings_are_one_line(tiny_heatmap: 
             if "heads" in override:
                 cfg.model.heads[0].num_classes = 2
             HeatmapLoss(cfg, "heatmap", stride=4) if override.startswith("loss") else create_model(cfg.model)
+    from mitotype.training.objectives import objective_for
+
+    cfg = load_config("detector-heatmap-lite0", [*TINY_HEATMAP, "task=classify"])
+    with pytest.raises(MitotypeError, match="config task"):
+        objective_for(cfg, create_model(cfg.model), pd.DataFrame({"path": ["a.png"], "points": ["[]"]}), np.arange(1))
     Image.fromarray(scene((128, 128), [(64.0, 64.0)])).save(tmp_path / "one.png")
     code, _, err = run_cli(monkeypatch, capsys, "detect", tmp_path / "one.png", "--model", tiny_heatmap, "--classifier", "none",
                            "--out", tmp_path / "d.csv", "--backend", "onnxruntime")

@@ -15,7 +15,7 @@ highest figure probability of each image).
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -39,16 +39,16 @@ class HeatmapModel(MitotypeModel):
 
     def __init__(self, backbone: nn.Module, cfg: ModelConfig, norm, *, width: int):
         super().__init__(backbone, list(cfg.heads), norm, cfg.input_size, num_features=width)
-        info = backbone.feature_info  # timm: one entry per stage, with its stride ("reduction") and channels
+        info = cast(list[dict[str, Any]], backbone.feature_info)  # timm: one entry per stage, its stride ("reduction") and channels
         taps = [i for i, f in enumerate(info) if f["reduction"] in (4, 8, 16, 32)]
         if [info[i]["reduction"] for i in taps] != [4, 8, 16, 32]:
             raise MitotypeError(f"model.backbone: {cfg.backbone} has no stride 4/8/16/32 stages for a heat-map decoder")
         self.taps = taps
-        backbone.prune_intermediate_layers(taps, prune_head=True)  # the pooled head is never used
+        cast(Callable[..., Any], backbone.prune_intermediate_layers)(taps, prune_head=True)  # the pooled head is never used
         self.lateral = nn.ModuleList(nn.Conv2d(info[i]["num_chs"], width, 1) for i in taps)
         self.fuse = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
         head = nn.Conv2d(width, 1, 1)
-        nn.init.constant_(head.bias, -torch.log(torch.tensor((1 - PRIOR) / PRIOR)).item())
+        nn.init.constant_(cast(torch.Tensor, head.bias), -torch.log(torch.tensor((1 - PRIOR) / PRIOR)).item())
         self.heads = nn.ModuleDict({cfg.heads[0].name: head})
         self.head_name = cfg.heads[0].name
 
@@ -58,8 +58,8 @@ class HeatmapModel(MitotypeModel):
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The decoder's stride-4 map (B, width, H/4, W/4)."""
-        levels = self.backbone.forward_intermediates(self.prepare(batch["image"]), indices=self.taps, intermediates_only=True,
-                                                     stop_early=True)
+        intermediates = cast(Callable[..., list[torch.Tensor]], self.backbone.forward_intermediates)
+        levels = intermediates(self.prepare(batch["image"]), indices=self.taps, intermediates_only=True, stop_early=True)
         top = self.lateral[-1](levels[-1])
         for lateral, level in zip(reversed(self.lateral[:-1]), reversed(levels[:-1])):
             top = lateral(level) + F.interpolate(top, size=level.shape[-2:], mode="nearest")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -106,7 +106,8 @@ class HeatmapLoss(nn.Module):
 
     def forward(self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = outputs[self.head]
-        target = render_heatmap(targets[POINT_TARGET], tuple(logits.shape[-2:]), stride=self.stride, sigma=self.sigma)
+        h, w = logits.shape[-2:]
+        target = render_heatmap(targets[POINT_TARGET], (h, w), stride=self.stride, sigma=self.sigma)
         if self.name == "bce":
             return F.binary_cross_entropy_with_logits(logits.float(), target)
         return penalty_reduced_focal(logits, target, alpha=self.alpha)
@@ -121,7 +122,9 @@ class HeatmapObjective:
         self.cfg = cfg
         head = next(iter(model.head_specs))
         self.targets = point_targets(manifest, model.head_specs[head].target)
-        self.criterion = HeatmapLoss(cfg, head, stride=int(model.output_stride))
+        if cfg.task != "detect":
+            raise MitotypeError(f"config task: '{cfg.task}' with a heat-map model (model.arch {cfg.model.arch}); it is a detector: task: detect")
+        self.criterion = HeatmapLoss(cfg, head, stride=cast(int, model.output_stride))
 
     @torch.no_grad()
     def validate(self, model: MitotypeModel, store: BatchSource, rows: np.ndarray, device: torch.device) -> tuple[dict[str, Any], float]:

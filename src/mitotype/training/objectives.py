@@ -28,7 +28,9 @@ from mitotype.training.losses import HeadLoss, head_targets, require_targets
 
 class Objective(Protocol):
     targets: dict[str, torch.Tensor]
-    criterion: nn.Module
+
+    @property
+    def criterion(self) -> nn.Module: ...
 
     def validate(self, model: MitotypeModel, store: BatchSource, rows: np.ndarray, device: torch.device) -> tuple[dict[str, Any], float]: ...
 
