@@ -102,6 +102,11 @@ def test_crops_hold_their_figures_and_training_through_the_one_loop_learns(tmp_p
     code, _, err = run_cli(monkeypatch, capsys, "data", "crops", tmp_path / "scenes" / "truth.csv", tmp_path / "c2", "--size", "60")
     assert code == 2 and "--size" in err
 
+    sets = [a for item in TINY_HEATMAP for a in ("--set", item)]
+    code, _, err = run_cli(monkeypatch, capsys, "train", "--data", tmp_path / "crops" / "crops.csv", "--recipe", "detector-heatmap-lite0",
+                           "--out", tmp_path / "bad", *sets, "--set", "loss.name=ce")
+    assert code == 2 and "loss.name" in err and len(err.strip().splitlines()) == 1
+
     from mitotype.workflows.runs import load_dataset, train
 
     cfg = load_config("detector-heatmap-lite0", [*TINY_HEATMAP, "train.epochs=6", "train.lr=3e-3", "augment.hed_sigma=0",
