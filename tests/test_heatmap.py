@@ -14,13 +14,13 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
+from helpers import untrained_model
 from scenes import scene, write_scenes
 
 from mitotype.config import AugmentConfig, load_config
 from mitotype.data.slides import PlainSource
 from mitotype.errors import MitotypeError
 from mitotype.inference.detect import Detector, HeatmapDetector, detect_source
-from mitotype.models.artifact import save_model
 from mitotype.models.registry import create_model
 from mitotype.training.dense import HeatmapLoss, point_targets, render_heatmap
 from mitotype.transforms.augment import BatchAugment
@@ -31,10 +31,7 @@ TINY_HEATMAP = ["model.backbone=test_efficientnet", "model.pretrained=none", "da
 
 @pytest.fixture
 def tiny_heatmap(tmp_path: Path) -> Path:
-    torch.manual_seed(0)
-    cfg = load_config("detector-heatmap-lite0", TINY_HEATMAP)
-    save_model(create_model(cfg.model), cfg, tmp_path / "heatmap", threshold=0.5, trained_on={}, metrics={})
-    return tmp_path / "heatmap"
+    return untrained_model("detector-heatmap-lite0", TINY_HEATMAP, tmp_path / "heatmap")
 
 
 class DarknessMap(torch.nn.Module):
