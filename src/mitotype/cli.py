@@ -420,7 +420,8 @@ def detect(
     device: str = DeviceOpt,
     backend: BackendName = BackendOpt,
 ) -> None:
-    """Find mitotic figures (haematoxylin candidates scored by the detector) and classify each as atypical or normal."""
+    """Find mitotic figures (haematoxylin candidates scored by the detector, or a heat-map detector's peaks) and classify
+    each as atypical or normal."""
     from mitotype.progress import progress_bar
     from mitotype.workflows.detect import detect as run_detect
 

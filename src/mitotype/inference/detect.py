@@ -5,7 +5,9 @@ candidate finder it was trained behind and its microns per pixel), scored throug
 :class:`~mitotype.models.ensemble.Ensemble` and backends. An image or slide is read in tiles at the
 detector's resolution (:func:`mitotype.data.tiles.tile_grid`): each tile is read with a margin wide
 enough for a candidate's patch and for suppression across the border, and keeps only detections
-its core owns, so memory stays that of one tile and borders neither lose nor double a figure. With
+its core owns, so memory stays that of one tile and borders neither lose nor double a figure. A
+heat-map detector (card ``build.detector: heatmap``, :class:`HeatmapDetector`) has no candidates: each
+tile's figure-centre map is computed whole and its peaks take the candidates' place. With
 a classifier chained, each detection is classified through the points path (a patch centred on it
 at the classifier's resolution), as ``mitotype points`` would.
 """
