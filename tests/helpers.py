@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess | tuple[int, str, str], *needles: str) -> str:
@@ -20,3 +21,17 @@ def assert_one_line_error(result: subprocess.CompletedProcess | tuple[int, str, 
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+def untrained_model(recipe: str, overrides: list[str], out: Path) -> Path:
+    """A recipe's network with seeded random weights, saved as a model artifact at ``out`` (threshold 0.5)."""
+    import torch
+
+    from mitotype.config import load_config
+    from mitotype.models.artifact import save_model
+    from mitotype.models.registry import create_model
+
+    torch.manual_seed(0)
+    cfg = load_config(recipe, overrides)
+    save_model(create_model(cfg.model), cfg, out, threshold=0.5, trained_on={}, metrics={})
+    return out

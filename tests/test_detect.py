@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import TINY, run_cli
+from helpers import untrained_model
 from scenes import scene, write_scenes
 
 from mitotype.config import CandidateConfig, load_config
@@ -20,8 +21,6 @@ from mitotype.data.candidates import find_candidates, label_candidates, padded_c
 from mitotype.data.slides import PlainSource
 from mitotype.errors import MitotypeError
 from mitotype.inference.detect import Detector, detect_source, suppress
-from mitotype.models.artifact import save_model
-from mitotype.models.registry import create_model
 
 
 class DarknessScorer:
@@ -39,12 +38,7 @@ class DarknessScorer:
 
 @pytest.fixture
 def tiny_detector(tmp_path: Path) -> Path:
-    import torch
-
-    torch.manual_seed(0)
-    cfg = load_config("detector-lite0", TINY)
-    save_model(create_model(cfg.model), cfg, tmp_path / "detector", threshold=0.5, trained_on={}, metrics={})
-    return tmp_path / "detector"
+    return untrained_model("detector-lite0", TINY, tmp_path / "detector")
 
 
 def darkness_detector(path: Path) -> Detector:

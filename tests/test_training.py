@@ -104,7 +104,7 @@ def test_head_loss_weights_heads_reads_their_columns_and_ignores_missing_targets
 
 def test_fit_weights_the_loss_by_the_training_rows_class_counts(amibr: Path, tiny: list[str], tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import mitotype.training.loop as loop
+    import mitotype.training.objectives as objectives
 
     built: list[HeadLoss] = []
 
@@ -113,7 +113,7 @@ def test_fit_weights_the_loss_by_the_training_rows_class_counts(amibr: Path, tin
             super().__init__(*args, **kwargs)
             built.append(self)
 
-    monkeypatch.setattr(loop, "HeadLoss", Recorded)
+    monkeypatch.setattr(objectives, "HeadLoss", Recorded)
     cfg, ds = _data(amibr, tiny, "train.epochs=1", "loss.class_weights=true")
     train_idx = np.flatnonzero(np.arange(len(ds.manifest)) % 5 != 0)
     fit(cfg, ds.manifest, ds.store, tmp_path / "run", train_idx=train_idx, show_progress=False)
@@ -214,15 +214,15 @@ def test_resume_ends_exactly_like_an_uninterrupted_run(amibr: Path, tiny: list[s
 
 def _scripted_val_scores(monkeypatch: pytest.MonkeyPatch, scores: list[float]) -> None:
     """The loop's validation balanced accuracy, epoch by epoch, replaced by ``scores``."""
-    import mitotype.training.loop as loop
+    import mitotype.training.objectives as objectives
 
-    script, real = iter(scores), loop.binary_metrics
+    script, real = iter(scores), objectives.binary_metrics
 
     def scripted(y, p, threshold=0.5):
         metrics = real(y, p, threshold)
         return {**metrics, "balanced_accuracy": next(script, metrics["balanced_accuracy"])}
 
-    monkeypatch.setattr(loop, "binary_metrics", scripted)
+    monkeypatch.setattr(objectives, "binary_metrics", scripted)
 
 
 def test_early_stopping_stops_after_patience_and_keeps_the_best_epoch(amibr: Path, tiny: list[str], tmp_path: Path,
@@ -323,9 +323,11 @@ def test_ema_validates_and_saves_the_moving_average_not_the_raw_weights(amibr: P
             updates.append(step)
             super().update(model, step)
 
-    real_ensemble = loop.Ensemble
+    import mitotype.training.objectives as objectives
+
+    real_ensemble = objectives.Ensemble
     monkeypatch.setattr(loop, "ModelEmaV3", Counted)
-    monkeypatch.setattr(loop, "Ensemble", lambda nets, **k: scored.append(nets[0]) or real_ensemble(nets, **k))
+    monkeypatch.setattr(objectives, "Ensemble", lambda nets, **k: scored.append(nets[0]) or real_ensemble(nets, **k))
     cfg, ds = _data(amibr, tiny, "train.epochs=2", "train.ema_decay=0.999999", "train.lr=0.01")
     rows = np.arange(len(ds.manifest))
     result = fit(cfg, ds.manifest, ds.store, tmp_path / "run", train_idx=rows, show_progress=False)
@@ -430,6 +432,7 @@ def test_deterministic_mode_is_switched_on_when_asked(amibr: Path, tiny: list[st
 def test_each_epoch_feeds_every_drawn_row_once_augmented_in_float32_and_logs_the_mean_loss(
         amibr: Path, tiny: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mitotype.training.loop as loop
+    import mitotype.training.objectives as objectives
 
     cfg, ds = _data(amibr, tiny, "train.epochs=2", "train.batch_size=12", "train.amp=true")
     rows = np.arange(len(ds.manifest))
@@ -441,11 +444,11 @@ def test_each_epoch_feeds_every_drawn_row_once_augmented_in_float32_and_logs_the
     monkeypatch.setattr(loop, "epoch_order", lambda *a: orders.append(real_order(*a)) or orders[-1])
 
     class Augment(loop.BatchAugment):
-        def forward(self, x, generator=None):
+        def with_points(self, x, generator, points=None):
             augmented.append(len(x))
-            return super().forward(x, generator)
+            return super().with_points(x, generator, points)
 
-    class Loss(loop.HeadLoss):
+    class Loss(objectives.HeadLoss):
         def forward(self, outputs, targets):
             dtypes.append(outputs["label"].dtype)
             loss = super().forward(outputs, targets)
@@ -453,7 +456,7 @@ def test_each_epoch_feeds_every_drawn_row_once_augmented_in_float32_and_logs_the
             return loss
 
     monkeypatch.setattr(loop, "BatchAugment", Augment)
-    monkeypatch.setattr(loop, "HeadLoss", Loss)
+    monkeypatch.setattr(objectives, "HeadLoss", Loss)
     result = fit(cfg, ds.manifest, ds.store, tmp_path / "nested" / "run", train_idx=train_idx, show_progress=False)
     steps = math.ceil(len(train_idx) / 12)
     sizes = [12] * (steps - 1) + [len(train_idx) - 12 * (steps - 1)]
@@ -479,7 +482,7 @@ def test_history_lr_validation_threshold_seconds_and_divergence(amibr: Path, tin
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 
-    import mitotype.training.loop as loop
+    import mitotype.training.objectives as objectives
     from mitotype.evaluation.metrics import binary_metrics
 
     cfg, ds = _data(amibr, tiny, "train.epochs=2", "train.threshold=0.3", "train.min_lr_ratio=0.1", "train.lr=0.002")
@@ -487,12 +490,12 @@ def test_history_lr_validation_threshold_seconds_and_divergence(amibr: Path, tin
     val_idx = rows[rows % 4 == 0]
     scores: list[np.ndarray] = []
 
-    class Recorded(loop.Ensemble):
+    class Recorded(objectives.Ensemble):
         def score_store(self, *args, **kwargs):
             scores.append(super().score_store(*args, **kwargs))
             return scores[-1]
 
-    monkeypatch.setattr(loop, "Ensemble", Recorded)
+    monkeypatch.setattr(objectives, "Ensemble", Recorded)
     tic = time.perf_counter()
     result = fit(cfg, ds.manifest, ds.store, tmp_path / "run", train_idx=rows[rows % 4 != 0], val_idx=val_idx, show_progress=False)
     assert 0 < result.seconds <= time.perf_counter() - tic
@@ -502,11 +505,11 @@ def test_history_lr_validation_threshold_seconds_and_divergence(amibr: Path, tin
         assert record["val_balanced_accuracy"] == binary_metrics(y, p, 0.3)["balanced_accuracy"]
         assert record["val_sensitivity"] == binary_metrics(y, p, 0.3)["sensitivity"]
 
-    class Diverging(loop.HeadLoss):
+    class Diverging(objectives.HeadLoss):
         def forward(self, outputs, targets):
             return super().forward(outputs, targets) * float("nan")
 
-    monkeypatch.setattr(loop, "HeadLoss", Diverging)
+    monkeypatch.setattr(objectives, "HeadLoss", Diverging)
     with pytest.raises(MitotypeError, match=r"run2: training diverged in epoch 1 \(loss nan\); lower train\.lr"):
         fit(cfg, ds.manifest, ds.store, tmp_path / "run2", train_idx=rows, show_progress=False)
     assert not (tmp_path / "run2" / "checkpoints" / "last.pt").exists() and not (tmp_path / "run2" / "model.json").exists()

@@ -379,6 +379,28 @@ def data_candidates(
               f"(candidate recall in {out_folder}/summary.json)", markup=False)
 
 
+@data_app.command("crops")
+def data_crops(
+    points: Path = typer.Argument(..., help="Every figure of some images, in any format `data candidates` reads (a mosaic's truth.csv, "
+                                  "a MitDet folder, a MIDOG/COCO JSON, an ICPR 2012 folder)."),
+    out_folder: Path = typer.Argument(..., metavar="OUT", help="New or empty folder: crops/ + crops.csv (a manifest with each crop's points)."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder the image names resolve in."),
+    size: int = typer.Option(256, "--size", help="Crop side in pixels (a multiple of 32), at the images' own resolution."),
+    per_figure: int = typer.Option(1, "--per-figure", help="Crops around each figure (placed at random)."),
+    background: int = typer.Option(2, "--background", help="Crops anywhere, per image."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the crops' placement."),
+) -> None:
+    """Write a heat-map detector's training set: crops of point-annotated images with their figures' centres;
+    train on it with `mitotype train --data OUT/crops.csv --recipe detector-heatmap-lite0`."""
+    from mitotype.data.crops import write_crop_set
+    from mitotype.data.points import read_points
+
+    table = read_points(_existing(points, "points"), _existing(images, "--images") if images else None, negatives=True)
+    m = write_crop_set(table, out_folder, crop=size, per_figure=per_figure, background=background, seed=seed)
+    out.print(f"{len(m)} crops → {out_folder}/crops.csv: {int(m['label'].sum())} with figures, {int((m['label'] == 0).sum())} without",
+              markup=False)
+
+
 @app.command()
 def detect(
     inputs: Path = typer.Argument(..., metavar="INPUT", help="An image, a whole-slide image or a folder of them."),
@@ -398,7 +420,8 @@ def detect(
     device: str = DeviceOpt,
     backend: BackendName = BackendOpt,
 ) -> None:
-    """Find mitotic figures (haematoxylin candidates scored by the detector) and classify each as atypical or normal."""
+    """Find mitotic figures (haematoxylin candidates scored by the detector, or a heat-map detector's peaks) and classify
+    each as atypical or normal."""
     from mitotype.progress import progress_bar
     from mitotype.workflows.detect import detect as run_detect
 

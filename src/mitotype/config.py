@@ -257,6 +257,7 @@ class LossConfig:
     class_weights: bool = False  # weight cross-entropy by inverse class frequency
     label_smoothing: float = 0.0
     incdp_weight: float = 0.0  # InCDP feature-diversity term (training/losses.diversity_loss) on the heads' input; 0 = off
+    heatmap_sigma_um: float = 1.5  # a heat-map detector's target: Gaussian of this sigma around each figure's centre cell
 
 
 @dataclass
@@ -501,6 +502,7 @@ def validate_config(cfg: Config) -> None:
         "train.min_lr_ratio": (0, 1), "train.patience": (0, None), "train.grad_clip": (0, None),
         "train.backbone_lr_scale": (0, None), "train.ema_decay": (0, 0.999999), "loss.label_smoothing": (0, 0.999), "loss.focal_alpha": (0, 1),
         "loss.incdp_weight": (0, 100),
+        "loss.heatmap_sigma_um": (0.1, 20),
         "loss.focal_gamma": (0, None), "model.input_size": (8, None), "data.patch_size": (8, None),
         "model.drop_rate": (0, 0.999), "model.drop_path_rate": (0, 0.999), "model.freeze_groups": (0, None),
     }

@@ -5,7 +5,9 @@ candidate finder it was trained behind and its microns per pixel), scored throug
 :class:`~mitotype.models.ensemble.Ensemble` and backends. An image or slide is read in tiles at the
 detector's resolution (:func:`mitotype.data.tiles.tile_grid`): each tile is read with a margin wide
 enough for a candidate's patch and for suppression across the border, and keeps only detections
-its core owns, so memory stays that of one tile and borders neither lose nor double a figure. With
+its core owns, so memory stays that of one tile and borders neither lose nor double a figure. A
+heat-map detector (card ``build.detector: heatmap``, :class:`HeatmapDetector`) has no candidates: each
+tile's figure-centre map is computed whole and its peaks take the candidates' place. With
 a classifier chained, each detection is classified through the points path (a patch centred on it
 at the classifier's resolution), as ``mitotype points`` would.
 """
@@ -21,6 +23,8 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
+import torch
+import torch.nn.functional as F
 
 from mitotype.config import CandidateConfig
 from mitotype.data.candidates import blob_centres, crop_all, find_candidates, grid_step, smoothed_density
@@ -31,8 +35,12 @@ from mitotype.errors import MitotypeError
 from mitotype.inference.points import iter_point_batches
 from mitotype.inference.runtime import load_scorer
 from mitotype.models.ensemble import INFERENCE_BATCH, Backend, Ensemble
+from mitotype.transforms.batch import build_batch
 
 DETECTION_COLUMNS = ("image", "x", "y", "score")
+HEATMAP_CONTEXT_UM = 32.0  # a heat-map detector's tiles see this much beyond the suppression reach (128 px at 0.25 um/px)
+ALIGN = 32  # a heat-map network's coarsest stride: tiles start and sizes pad to multiples of it
+PEAK_FLOOR = 0.01  # peaks below this probability are never detections (below any threshold or curve of use)
 TILE = 1024  # detector pixels per tile side: ~0.07 mm² at 0.25 um/px; a few MB whatever the slide
 
 
@@ -57,6 +65,10 @@ class Detector:
 
     @classmethod
     def load(cls, path: Path, *, device: str = "auto", threshold: float | None = None, backend: str = "auto") -> "Detector":
+        """The detector at ``path``, of the kind its card names (``build.detector``): candidates + a
+        patch classifier, or a heat map (:class:`HeatmapDetector`)."""
+        if detector_kind(Path(path)) == "heatmap":
+            return HeatmapDetector.load(path, device=device, threshold=threshold, backend=backend)
         ensemble, scorer = load_scorer(Path(path), device=device, threshold=threshold, backend=backend, task="detect", option="model")
         return cls(ensemble, scorer, CandidateConfig(**ensemble.cards[0]["build"]["candidates"]))
 
@@ -110,6 +122,16 @@ class Detector:
         cands, patches, _ = self.candidate_patches(rgb)
         return cands.assign(score=self.score(patches))
 
+    def read_tile(self, source: Source, t: Tile, size: tuple[int, int]) -> tuple:
+        """What the network needs for tile ``t`` (read with :attr:`margin`): run in the reading thread."""
+        return _prepare_tile(self, source, t, size)
+
+    def finish_tile(self, t: Tile, prepared: tuple, floor: float) -> pd.DataFrame:
+        """``x, y, score`` (detector pixels of the whole image) of the figures tile ``t``'s core owns."""
+        cands, patches, density, origin = prepared
+        owned = _finish_tile(t, cands.assign(score=self.score(patches)), floor, self.candidates.nms_um / self.mpp)
+        return self.recentre(owned, density, origin)
+
     def detect_array(self, rgb: np.ndarray, *, min_score: float | None = None) -> pd.DataFrame:
         """``x, y, score`` of the figures in a whole image held in memory (pixels at the detector's mpp)."""
         floor = self.threshold if min_score is None else min_score
@@ -119,6 +141,96 @@ class Detector:
         keep = suppress(scored[["x", "y"]].to_numpy(), scored["score"].to_numpy(), self.candidates.nms_um / self.mpp)
         kept = scored.iloc[np.sort(keep)][["x", "y", "score"]].reset_index(drop=True)
         return self.recentre(kept, density)
+
+
+def detector_kind(path: Path) -> str:
+    """``build.detector`` of the (checked) card of the first model at ``path``: candidates or heatmap."""
+    from mitotype.models.artifact import CARD_NAME, model_dirs, read_card_json
+    from mitotype.models.card import read_card
+
+    card_path = model_dirs(Path(path))[0] / CARD_NAME
+    build = read_card(read_card_json(card_path), card_path)["build"]
+    return str(build.get("detector", "candidates"))
+
+
+@dataclass
+class HeatmapDetector(Detector):
+    """A dense detector: the network's map of figure centres (:mod:`mitotype.models.heatmap`), its peaks
+    above the threshold, greedy suppression within ``candidates.nms_um``. No candidate finder.
+
+    A tile is read with :attr:`margin` of context (what the network sees around the core, rounded to
+    its coarsest stride so every tile's grid lines up with the whole image's) and padded to a
+    multiple of that stride; the peaks near the core are suppressed together and the core keeps its
+    own, as for candidates. Only the PyTorch backend runs it: the exported-graph path scores
+    fixed-size patches."""
+
+    stride: int = 4
+
+    @classmethod
+    def load(cls, path: Path, *, device: str = "auto", threshold: float | None = None, backend: str = "auto") -> "HeatmapDetector":
+        if backend not in ("auto", "torch"):
+            raise MitotypeError(f"{{backend}} {backend}: a heat-map detector runs on torch only; use {{backend}} torch or auto",
+                                options=("backend",))
+        ensemble, scorer = load_scorer(Path(path), device=device, threshold=threshold, backend="torch", task="detect", option="model")
+        stride = int(getattr(ensemble.nets[0], "output_stride", 4))
+        return cls(ensemble, scorer, CandidateConfig(**ensemble.cards[0]["build"]["candidates"]), stride)
+
+    @property
+    def margin(self) -> int:
+        """Context for the network (:data:`HEATMAP_CONTEXT_UM`) plus two suppression radii, in whole
+        multiples of the network's coarsest stride (32 px)."""
+        px = HEATMAP_CONTEXT_UM / self.mpp + 2 * self.candidates.nms_um / self.mpp
+        return int(math.ceil(px / ALIGN) * ALIGN)
+
+    def peaks(self, rgb: np.ndarray, *, floor: float = PEAK_FLOOR) -> pd.DataFrame:
+        """``x, y, score``: the local maxima (3 x 3 cells) of the figure probability map of ``rgb`` at or
+        above ``floor`` (never below :data:`PEAK_FLOOR`), best first, each moved to the probability-weighted centre of
+        its 3 x 3 cells and given in ``rgb``'s pixels."""
+        h, w = rgb.shape[:2]
+        padded = np.pad(rgb, ((0, -h % ALIGN), (0, -w % ALIGN), (0, 0)), mode="symmetric")
+        net = self.ensemble.nets[0]
+        with torch.no_grad():
+            batch = build_batch(torch.from_numpy(np.ascontiguousarray(padded[None])), self.ensemble.device, channels_last=True)
+            prob = torch.sigmoid(net(batch)[net.head_name].float())[0, 0]
+            ys, xs, score, dx, dy = map(lambda a: a.cpu().numpy(), map_peaks(prob, floor=max(floor, PEAK_FLOOR)))
+        x = self.stride * (xs + dx) + (self.stride - 1) / 2
+        y = self.stride * (ys + dy) + (self.stride - 1) / 2
+        keep = (x < w) & (y < h)  # not on the padding
+        order = np.argsort(-score[keep], kind="stable")
+        return pd.DataFrame({"x": x[keep][order].astype(np.float64), "y": y[keep][order].astype(np.float64),
+                             "score": score[keep][order].astype(np.float64)})
+
+    def read_tile(self, source: Source, t: Tile, size: tuple[int, int]) -> tuple:
+        m = self.margin
+        box = (max(0, (t.x0 - m) // ALIGN * ALIGN), max(0, (t.y0 - m) // ALIGN * ALIGN), min(size[0], t.x1 + m), min(size[1], t.y1 + m))
+        return source.region(box, self.mpp), box
+
+    def finish_tile(self, t: Tile, prepared: tuple, floor: float) -> pd.DataFrame:
+        rgb, box = prepared
+        found = self.peaks(rgb, floor=floor)
+        return _finish_tile(t, found.assign(x=found["x"] + box[0], y=found["y"] + box[1]), floor, self.candidates.nms_um / self.mpp)
+
+    def detect_array(self, rgb: np.ndarray, *, min_score: float | None = None) -> pd.DataFrame:
+        floor = self.threshold if min_score is None else min_score
+        found = self.peaks(rgb, floor=floor)
+        found = found[found["score"] >= floor].reset_index(drop=True)
+        keep = suppress(found[["x", "y"]].to_numpy(), found["score"].to_numpy(), self.candidates.nms_um / self.mpp)
+        return found.iloc[np.sort(keep)].reset_index(drop=True)
+
+
+def map_peaks(prob: torch.Tensor, *, floor: float) -> tuple[torch.Tensor, ...]:
+    """Rows, columns and values of the 3 x 3 local maxima of an (h, w) map at or above ``floor``, and
+    each one's sub-cell offset (dx, dy in cells): the centroid of its 3 x 3 neighbourhood's values."""
+    p = prob[None, None]
+    is_peak = (p == F.max_pool2d(p, 3, stride=1, padding=1)) & (p >= floor)
+    ys, xs = torch.nonzero(is_peak[0, 0], as_tuple=True)
+    padded = F.pad(p, (1, 1, 1, 1))[0, 0]
+    hood = torch.stack([padded[ys + 1 + j, xs + 1 + i] for j in (-1, 0, 1) for i in (-1, 0, 1)], dim=1)  # (n, 9)
+    offsets = torch.tensor([-1.0, 0.0, 1.0], device=prob.device)
+    weight = hood / hood.sum(dim=1, keepdim=True).clamp(min=1e-12)
+    dx = (weight * offsets.repeat(3)).sum(dim=1)
+    dy = (weight * offsets.repeat_interleave(3)).sum(dim=1)
+    return ys, xs, prob[ys, xs], dx, dy
 
 
 def detection_tiles(size: tuple[int, int], *, tile: int, roi: tuple[int, int, int, int] | None = None) -> list[Tile]:
@@ -152,11 +264,11 @@ def detect_many(
     """(name, detections in level-0 pixels) for each ``(name, open, close_after)`` job, in order.
 
     One pipeline over every image and tile: a thread opens the images, reads the tiles and cuts
-    the candidates' patches one tile ahead while the network scores the current one, so an image
+    the candidates' patches (:meth:`Detector.read_tile`) one tile ahead while the network scores the
+    current one (:meth:`Detector.finish_tile`), so an image
     of a single tile overlaps with the next image's reading too. ``close_after``: close the source
     when its last tile is read."""
     floor = detector.threshold if min_score is None else min_score
-    radius = detector.candidates.nms_um / detector.mpp
     ahead: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
 
@@ -175,7 +287,7 @@ def detect_many(
                     for k, t in enumerate(grid, 1):
                         if stop.is_set():
                             return
-                        _put(ahead, stop, (name, t, k, len(grid), scale, _prepare_tile(detector, source, t, size)))
+                        _put(ahead, stop, (name, t, k, len(grid), scale, detector.read_tile(source, t, size)))
                 finally:
                     if close_after:
                         source.close()
@@ -192,9 +304,7 @@ def detect_many(
                 raise item
             name, t, k, n, scale, prepared = item
             if prepared is not None:
-                cands, patches, density, origin = prepared
-                owned = _finish_tile(t, cands.assign(score=detector.score(patches)), floor, radius)
-                found.append(detector.recentre(owned, density, origin))
+                found.append(detector.finish_tile(t, prepared, floor))
                 if on_tile:
                     on_tile(name, k, n)
             if k == n:

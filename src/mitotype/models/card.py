@@ -20,13 +20,16 @@ from mitotype.errors import MitotypeError
 
 CARD_FORMAT = "mitotype-model/2"
 OLD_FORMATS = ("mitotype-model/1",)
+DETECTOR_KINDS = ("candidates", "heatmap")  # build.detector of a task: detect card
 BUILD_MODEL_FIELDS = ("arch", "backbone", "input_size", "center_crop", "drop_rate", "drop_path_rate", "kwargs", "options", "reduce", "reduce_heads")
 
 
 def build_spec(model_cfg: ModelConfig, *, mean: tuple, std: tuple, patch_size: int, size_policy: str, mpp: float | None,
-               task: str = "classify", candidates: CandidateConfig | None = None) -> dict[str, Any]:
-    """The ``build`` section of a card for a model made from ``model_cfg``; a detector's also holds its
-    candidate finder, which is part of what it is (the weights were trained on those candidates)."""
+               task: str = "classify", candidates: CandidateConfig | None = None, detector: str = "candidates") -> dict[str, Any]:
+    """The ``build`` section of a card for a model made from ``model_cfg``; a detector's also says which
+    kind it is (``detector``: ``candidates``, a classifier of patches at haematoxylin candidates, or
+    ``heatmap``, a dense map of figure centres) and holds its candidate settings, which are part of
+    what it is (the weights were trained on those candidates; a heat-map detector uses ``nms_um``)."""
     spec: dict[str, Any] = {name: getattr(model_cfg, name) for name in BUILD_MODEL_FIELDS}
     spec["heads"] = [dict(vars(h)) for h in model_cfg.heads]
     spec["views"] = {"image": {"input": "RGB uint8 / 255, resized to input_size inside the model", "mean": list(mean), "std": list(std)}}
@@ -35,6 +38,7 @@ def build_spec(model_cfg: ModelConfig, *, mean: tuple, std: tuple, patch_size: i
     spec["task"] = task
     if task == "detect":
         spec["candidates"] = dataclasses.asdict(candidates or CandidateConfig())
+        spec["detector"] = detector
     return spec
 
 
@@ -142,6 +146,8 @@ def _check_task(build: dict[str, Any], check: "_Checker") -> None:
     check.text(build, "task", "build", choices=TASKS)
     if task != "detect":
         return
+    build.setdefault("detector", "candidates")  # cards written before heat-map detectors
+    check.text(build, "detector", "build", choices=DETECTOR_KINDS)
     found = check.mapping(build, "candidates", "build")
     known = {f.name for f in dataclasses.fields(CandidateConfig)}
     unknown = sorted(set(found) - known)

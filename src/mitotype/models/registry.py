@@ -140,7 +140,7 @@ ModelBuilder = Callable[[ModelConfig, bool], MitotypeModel]
 _BUILDERS: dict[str, ModelBuilder] = {}
 # Modules whose builders register themselves on import; imported on first use, not at import time,
 # so ``import mitotype`` stays cheap and free of side effects.
-BUILTIN_MODULES: tuple[str, ...] = ("mitotype.models.custom", "mitotype.models.foundation")
+BUILTIN_MODULES: tuple[str, ...] = ("mitotype.models.custom", "mitotype.models.foundation", "mitotype.models.heatmap")
 
 
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:

@@ -25,20 +25,19 @@ from rich.progress import Progress, TaskID
 from timm.utils import ModelEmaV3
 
 from mitotype._io import atomic_path, write_csv
-from mitotype.config import Config, fixed_threshold, record_config, resolve_device, validate_config
+from mitotype.config import Config, record_config, resolve_device, validate_config
 from mitotype.data.images import BatchSource, ImageStore
-from mitotype.evaluation.metrics import best_threshold, binary_metrics
 from mitotype.errors import MitotypeError
 from mitotype.models.artifact import CARD_NAME, save_model
-from mitotype.models.ensemble import Ensemble
 from mitotype.progress import console, progress_bar
 from mitotype.models.registry import MitotypeModel, create_model
 from mitotype.training.checkpoint import load_checkpoint, save_checkpoint
 from mitotype.training.features import feature_view
-from mitotype.training.losses import HeadLoss, diversity_loss, head_targets, require_targets
+from mitotype.training.losses import diversity_loss
+from mitotype.training.objectives import Objective, objective_for
 from mitotype.training.sampling import centre_descriptors, diverse_weights, diversity_clusters
 from mitotype.training.schedule import warmup_cosine
-from mitotype.transforms.augment import BatchAugment
+from mitotype.transforms.augment import BatchAugment, augment_with_targets
 from mitotype.transforms.batch import build_batch
 
 
@@ -110,7 +109,7 @@ class _State:
     augment_gen: torch.Generator
     start_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-    best: dict[str, Any] = field(default_factory=lambda: {"score": -1.0, "epoch": -1, "bad_epochs": 0})
+    best: dict[str, Any] = field(default_factory=lambda: {"score": -math.inf, "epoch": -1, "bad_epochs": 0})
     best_state: dict[str, torch.Tensor] | None = None
 
 
@@ -138,9 +137,9 @@ def fit(
             if active:
                 warnings.warn(f"{setting} needs validation rows (data.val_fraction, a validation dataset or a val/ split); ignored", stacklevel=2)
     labels = manifest["label"].to_numpy()
-    targets_all = head_targets(manifest, {h.name: h for h in cfg.model.heads})  # checked before any work
-    require_targets(targets_all, {h.name: h for h in cfg.model.heads}, train_idx)
     model = create_model(cfg.model).to(device)
+    objective = objective_for(cfg, model, manifest, train_idx)  # targets per row (checked before any work), loss, validation
+    targets_all, criterion = objective.targets, objective.criterion.to(device)
     source = feature_view(cfg, model, store, cache_dir=feature_dir or run_dir / "features", device=device)  # pixels or cached features
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -148,7 +147,6 @@ def fit(
     steps_per_epoch = math.ceil(len(train_idx) / t.batch_size)
     scheduler = warmup_cosine(optimizer, round(t.warmup_epochs * steps_per_epoch), t.epochs * steps_per_epoch, t.min_lr_ratio)
     augment = BatchAugment(cfg.augment).to(device)
-    criterion = HeadLoss(cfg.loss, model.head_specs, {col: v[train_idx] for col, v in targets_all.items()}).to(device)
     state = _State(torch.Generator().manual_seed(t.seed + 1), torch.Generator().manual_seed(t.seed + 2))
     ema = ModelEmaV3(model, decay=t.ema_decay) if t.ema_decay > 0 else None
     scored = ema.module if ema is not None else model  # what validation scores and what is saved
@@ -171,13 +169,13 @@ def fit(
             task = progress.add_task(f"epoch {epoch + 1}/{t.epochs}", total=len(order), loss="")
             tic = time.perf_counter()
             loss_sum = _train_epoch(cfg, model, source, order, targets_all, criterion, optimizer, scheduler, ema,
-                                    lambda x: augment(x, state.augment_gen), device, partial(_report, progress, task))
+                                    partial(augment_with_targets, augment, state.augment_gen), device, partial(_report, progress, task))
             if not math.isfinite(loss_sum):  # never checkpoint or save a diverged model
                 raise MitotypeError(f"{run_dir}: training diverged in epoch {epoch + 1} (loss {loss_sum}); lower train.lr")
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch, "lr": optimizer.param_groups[1]["lr"],
                                       "train_seconds": time.perf_counter() - tic}
             if has_val and val_idx is not None:  # has_val implies it
-                _validate(cfg, scored, source, labels, val_idx, device, record, state, epoch)
+                _validate(objective, scored, source, val_idx, device, record, state, epoch)
             state.history.append(record)
             progress.update(task, description=f"epoch {epoch + 1}/{t.epochs}", loss=_describe(record))
             _checkpoint(ckpt_path, epoch, state, model, optimizer, scheduler, ema, device)
@@ -191,7 +189,7 @@ def fit(
     elif ema is not None:
         model.load_saved_state_dict(ema.module.saved_state_dict())
     write_csv(run_dir / "history.csv", pd.DataFrame(state.history))
-    return _finish(cfg, manifest, source, run_dir, model, state.history, train_idx, val_idx, device, time.perf_counter() - started)
+    return _finish(cfg, objective, manifest, source, run_dir, model, state.history, train_idx, val_idx, device, time.perf_counter() - started)
 
 
 def _restore(path: Path, state: _State, model: MitotypeModel, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -213,9 +211,10 @@ def _restore(path: Path, state: _State, model: MitotypeModel, optimizer: torch.o
 
 
 def _train_epoch(cfg: Config, model: MitotypeModel, store: BatchSource, order: np.ndarray, targets_all: dict[str, torch.Tensor],
-                 criterion: HeadLoss, optimizer: torch.optim.Optimizer, scheduler: Any, ema: ModelEmaV3 | None,
-                 transform: Callable[[torch.Tensor], torch.Tensor], device: torch.device, report: Callable[[int, str], None]) -> float:
-    """One pass over ``order``: forward, loss, backward, clip, step, schedule, average; the summed step loss."""
+                 criterion: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, ema: ModelEmaV3 | None,
+                 transform: Callable[..., torch.Tensor], device: torch.device, report: Callable[[int, str], None]) -> float:
+    """One pass over ``order``: forward, loss, backward, clip, step, schedule, average; the summed step loss.
+    ``transform(x, targets=...)`` augments the images and moves any point targets with them."""
     t = cfg.train
     model.train()
     loss_sum = torch.zeros((), device=device)
@@ -228,8 +227,8 @@ def _train_epoch(cfg: Config, model: MitotypeModel, store: BatchSource, order: n
     steps = math.ceil(len(order) / t.batch_size)
     for step in range(steps):
         rows = order[step * t.batch_size : (step + 1) * t.batch_size]
-        batch = build_batch(store.batch(rows), device, transform=transform, channels_last=t.channels_last)
         targets = {col: v[rows].to(device, non_blocking=True) for col, v in targets_all.items()}
+        batch = build_batch(store.batch(rows), device, transform=partial(transform, targets=targets), channels_last=t.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.amp and device.type == "cuda"):
             outputs = model(batch)
         loss = criterion(outputs, targets)
@@ -256,15 +255,14 @@ def _report(progress: Progress, task: TaskID, done: int, text: str) -> None:
     progress.update(task, completed=done, loss=text)
 
 
-def _validate(cfg: Config, scored: MitotypeModel, store: BatchSource, labels: np.ndarray, val_idx: np.ndarray, device: torch.device,
+def _validate(objective: Objective, scored: MitotypeModel, store: BatchSource, val_idx: np.ndarray, device: torch.device,
               record: dict[str, Any], state: _State, epoch: int) -> None:
-    """Score the validation rows into ``record``; keep the weights of the best balanced accuracy so far."""
-    t = cfg.train
-    p = Ensemble([scored], device=device, amp=t.amp).score_store(store, val_idx, batch_size=t.eval_batch_size)
-    metrics = binary_metrics(labels[val_idx], p, fixed_threshold(t))
-    record.update({f"val_{k}": metrics[k] for k in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")})
-    if metrics["balanced_accuracy"] > state.best["score"]:
-        state.best = {"score": metrics["balanced_accuracy"], "epoch": epoch + 1, "bad_epochs": 0}
+    """Score the validation rows into ``record``; keep the weights of the best validation score so far
+    (balanced accuracy for a classifier, minus the loss for a heat-map detector)."""
+    entries, score = objective.validate(scored, store, val_idx, device)
+    record.update(entries)
+    if score > state.best["score"]:
+        state.best = {"score": score, "epoch": epoch + 1, "bad_epochs": 0}
         state.best_state = {k: v.detach().cpu().clone() for k, v in scored.saved_state_dict().items()}
     else:
         state.best["bad_epochs"] += 1
@@ -286,18 +284,9 @@ class Interrupted(RuntimeError):
     """Raised by a :func:`stop_after` callback: the run stopped on purpose and can be resumed."""
 
 
-def _finish(cfg, manifest, store, run_dir, model, history, train_idx, val_idx, device, seconds) -> FitResult:
+def _finish(cfg, objective, manifest, store, run_dir, model, history, train_idx, val_idx, device, seconds) -> FitResult:
     """Pick the threshold, score the validation rows and write the model artifact."""
-    t = cfg.train
-    val_predictions, val_metrics = None, {}
-    threshold = fixed_threshold(t)  # "oof": cross_validate sets it once every fold has predicted
-    if val_idx is not None and len(val_idx):
-        p = Ensemble([model], device=device, amp=t.amp).score_store(store, val_idx, batch_size=t.eval_batch_size)
-        y = manifest["label"].to_numpy()[val_idx]
-        if t.threshold == "auto":
-            threshold = best_threshold(y, p)
-        val_metrics = binary_metrics(y, p, threshold)
-        val_predictions = manifest.iloc[val_idx].assign(p_atypical=p)
+    threshold, val_metrics, val_predictions = objective.finish(model, store, val_idx, device)
     train_rows = manifest.iloc[train_idx]
     trained_on = {
         "source": os.path.commonpath(train_rows["path"].tolist()) if len(train_rows) else "",
@@ -317,6 +306,8 @@ def _describe(record: dict[str, Any]) -> str:
     text = f"loss {record['train_loss']:.4f}"
     if "val_balanced_accuracy" in record:
         text += f" · val BA {record['val_balanced_accuracy']:.3f} · AUROC {record['val_roc_auc'] or float('nan'):.3f}"
+    if "val_loss" in record:
+        text += f" · val loss {record['val_loss']:.4f}"
     return text
 
 

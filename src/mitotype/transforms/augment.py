@@ -36,7 +36,7 @@ from mitotype.errors import MitotypeError
 from mitotype.transforms.stain import hed_jitter_matrices
 from mitotype.transforms.stain_mix import stain_mix
 
-__all__ = ["AugmentConfig", "BatchAugment", "affine_grid", "dihedral_views"]
+__all__ = ["POINT_TARGET", "AugmentConfig", "BatchAugment", "affine_grid", "augment_with_targets", "dihedral_views", "move_points"]
 
 _EPS = 1e-6
 _LOG2E = 1.0 / math.log(2.0)
@@ -55,6 +55,7 @@ _COLOUR_P, _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = range(7, 12)
 _HED_SCALE = slice(12, 15)
 _HED_BIAS = slice(15, 18)
 N_DRAWS = 18
+POINT_TARGET = "points"  # a target of pixel positions (B, K, 2) that moves with the image (a heat-map detector's figures)
 
 
 def _sym(u: np.ndarray, r: float) -> np.ndarray:
@@ -161,6 +162,14 @@ class BatchAugment(torch.nn.Module):
     # ----------------------------------------------------------------------------- forward
     @torch.no_grad()
     def forward(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return self.with_points(x, generator)[0]
+
+    @torch.no_grad()
+    def with_points(self, x: torch.Tensor, generator: torch.Generator, points: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward`, and ``points`` ((B, K, 2) x, y in pixels of ``x``, pixel centres at whole
+        numbers; NaN rows are padding) moved by the same geometry, so a point target stays on its
+        figure through flips, turns, rotations and crops. The random stream is the same as forward's."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"BatchAugment: expected a (B, 3, H, W) batch, got shape {tuple(x.shape)}")
         if not x.is_floating_point():
@@ -172,18 +181,19 @@ class BatchAugment(torch.nn.Module):
         if cfg.rot90 and h != w:
             raise MitotypeError(f"augment.rot90 needs square patches, got {h}x{w}; set augment.rot90 to false")
         if b == 0 or cfg.is_identity:
-            return x
+            return x, points
         u = self.draw(b, generator)
         # Work on (b, 3, h*w) pixel lists: the colour ops are per pixel.
         flat, owned = x.reshape(b, c, h * w), False
         if cfg.geometry_on:
             theta, smooth = self.geometry_params(u, h, w)
             flat, owned = self._warp(x, _to(x, theta)[0], smooth), True
+            points = None if points is None else move_points(points, theta, h, w)
         if cfg.colour_on:
             flat, owned = self._colour(flat, u, owned)
         out = flat.clamp_(0.0, 1.0).view(b, c, h, w) if owned else x  # not owned: nothing changed so far
         out = self._jpeg(out, generator) if cfg.jpeg_on else out
-        return self._stain_mix(out, generator) if cfg.stain_mix_on else out
+        return (self._stain_mix(out, generator) if cfg.stain_mix_on else out), points
 
     def _stain_mix(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """UnSA (:mod:`mitotype.transforms.stain_mix`): each chosen image's stains move toward a
@@ -285,6 +295,26 @@ class BatchAugment(torch.nn.Module):
         else:
             out = torch.bmm(m, flat, out=spare)
         return x.copy_(out) if not stain and spare is not None else out
+
+
+def augment_with_targets(augment: BatchAugment, generator: torch.Generator, x: torch.Tensor, *,
+                         targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The training step's transform: ``x`` augmented, and a :data:`POINT_TARGET` in ``targets``
+    replaced by its points moved with the image (class targets need nothing)."""
+    x, moved = augment.with_points(x, generator, targets.get(POINT_TARGET))
+    if moved is not None:
+        targets[POINT_TARGET] = moved
+    return x
+
+
+def move_points(points: torch.Tensor, theta: np.ndarray, h: int, w: int) -> torch.Tensor:
+    """Pixel positions (B, K, 2) of an image carried to where ``theta`` (output -> input, normalised,
+    ``align_corners=False``) puts them in the output: the inverse map, ``A^-1 (p - t)``."""
+    size = np.array([w, h], dtype=np.float64)
+    p = (2.0 * points.detach().cpu().double().numpy() + 1.0) / size - 1.0  # (B, K, 2) normalised
+    inverse = np.linalg.inv(theta[:, :, :2])
+    moved = np.einsum("bij,bkj->bki", inverse, p - theta[:, None, :, 2])
+    return torch.from_numpy(((moved + 1.0) * size - 1.0) / 2.0).to(points.device, points.dtype)
 
 
 def _complex(like: torch.Tensor) -> torch.Tensor:
