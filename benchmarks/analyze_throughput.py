@@ -34,7 +34,6 @@ import numpy as np
 
 from _timing import Side, compare, cpu_line, markdown_table  # benchmarks/ is on the path when run as a script
 from mitotype._io import write_json
-from mitotype.inference.detect import _prepare_tile
 from mitotype.data.slides import open_slide
 from mitotype.inference.detect import iter_inputs
 from mitotype.models.bundled import bundled_model_dir
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         def bare() -> float:
             tic = time.perf_counter()
             for batch in batches:
-                models.detector.scorer.p_atypical(batch)
+                models.detector.bare_forward(batch)
             return time.perf_counter() - tic
 
         def end_to_end() -> float:
@@ -132,9 +131,9 @@ def candidate_batches(slides: list[Path], models: Models, options: AnalyzeOption
         try:
             size = source.size_at(det.mpp)
             for t in plan_tiles(source, det, options, path.name).kept:
-                _, patches, _, _ = _prepare_tile(det, source, t, size)  # exactly the patches analyze scores
-                batches += [patches[s:s + INFERENCE_BATCH] for s in range(0, len(patches), INFERENCE_BATCH)]
-                total += len(patches)
+                inputs = det.network_inputs(det.read_tile(source, t, size))  # exactly what analyze's network runs on
+                batches += inputs
+                total += sum(len(b) for b in inputs)
                 if total > limit:
                     raise SystemExit(f"more than {limit} candidate patches: use fewer or smaller slides, or raise --max-patches")
         finally:

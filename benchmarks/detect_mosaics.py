@@ -31,13 +31,11 @@ import pandas as pd
 from PIL import Image
 
 from mitotype._io import write_csv, write_json
-from mitotype.data.candidates import crop_all, find_candidates
 from mitotype.data.slides import PlainSource
 from mitotype.evaluation.detection import MATCH_RADIUS_UM, best_f1_threshold, detection_counts, match_detections
 from mitotype.evaluation.metrics import binary_metrics
-from mitotype.inference.detect import Detector, classify_detections, detect_many
+from mitotype.inference.detect import TILE, Detector, classify_detections, detect_many, detection_tiles
 from mitotype.inference.runtime import load_scorer
-from mitotype.models.ensemble import INFERENCE_BATCH
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import cpu_line
@@ -52,16 +50,18 @@ def run_detector(det: Detector, folder: Path, names: list[str], floor: float) ->
 
 
 def bare_forward(det: Detector, folder: Path, names: list[str]) -> float:
-    """Seconds for the detector's network alone on the candidate patches of ``names`` (cut beforehand)."""
+    """Seconds for the detector's network alone on what ``detect`` runs it on for ``names`` (its tiles
+    read beforehand: the candidates' patches, or a heat map's padded tiles)."""
     batches = []
     for name in names:
-        rgb = np.asarray(Image.open(folder / name).convert("RGB"))
-        c = find_candidates(rgb, mpp=det.mpp, cfg=det.candidates)
-        crops = crop_all(rgb, c["x"].to_numpy(), c["y"].to_numpy(), det.ensemble.patch_size)
-        batches += [crops[s:s + INFERENCE_BATCH] for s in range(0, len(crops), INFERENCE_BATCH)]
+        source = PlainSource(folder / name, det.mpp)
+        size = source.size_at(det.mpp)
+        for t in detection_tiles(size, tile=TILE):
+            batches += det.network_inputs(det.read_tile(source, t, size))
+        source.close()
     start = time.perf_counter()
     for b in batches:
-        det.scorer.p_atypical(b)
+        det.bare_forward(b)
     return time.perf_counter() - start
 
 

@@ -116,3 +116,19 @@ def test_bundle_with_oof_thresholds_gives_each_fold_the_best_threshold_of_the_ot
     assert at["mean"]["balanced_accuracy"] == pytest.approx(np.mean(held))
     assert Ensemble.load(tmp_path / "b").threshold == pytest.approx(at["ensemble_threshold"])
     assert [m.threshold for m in load_ensemble(run)] == [0.5] * 3  # the source run is left as it was
+
+
+def test_the_shipped_detector_is_the_heat_map_within_20_mib_at_its_chosen_threshold() -> None:
+    """Issue 19: the better shape ships (the heat map, by the comparison in RESULTS.md), under 20 MB,
+    with the threshold chosen on training-fold mosaics and its held-out figures in bundle.json."""
+    from mitotype.inference.detect import Detector, HeatmapDetector
+    from mitotype.models.bundled import bundled_detector_dir
+
+    root = bundled_detector_dir()
+    info = json.loads((root / "bundle.json").read_text())
+    assert sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) <= 20 * 2**20
+    assert info["recipe"] == "detector-heatmap-lite0" and info["weights"] == "float16"
+    det = Detector.load(root, device="cpu")
+    assert isinstance(det, HeatmapDetector) and det.ensemble.task == "detect"
+    assert det.threshold == pytest.approx(info["evaluation"]["threshold_choice"]["threshold"])
+    assert det.threshold == pytest.approx(info["evaluation"]["held_out_mosaics"]["detector_threshold"])

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -316,3 +319,19 @@ def test_detections_move_to_the_blob_centre() -> None:
     assert np.abs(xy[0] - [30.0, 25.0]).max() < 0.2
     kept = blob_centres(density, np.array([5.0]), np.array([5.0]), fraction=0.5, window=10)
     assert kept[0].tolist() == [5.0, 5.0]  # nothing there: the point stays
+
+
+@pytest.mark.skipif(not hasattr(threading, "get_native_id") or sys.platform != "linux", reason="per-thread priority is Linux's")
+def test_the_reading_thread_yields_to_the_network() -> None:
+    from mitotype.inference.detect import _yield_to_the_network
+
+    seen: list[int] = []
+
+    def reader() -> None:
+        _yield_to_the_network()
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    t.join()
+    assert seen[0] > os.getpriority(os.PRIO_PROCESS, threading.get_native_id())  # the caller's own thread is untouched

@@ -15,6 +15,7 @@ at the classifier's resolution), as ``mitotype points`` would.
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -126,6 +127,16 @@ class Detector:
         """What the network needs for tile ``t`` (read with :attr:`margin`): run in the reading thread."""
         return _prepare_tile(self, source, t, size)
 
+    def network_inputs(self, prepared: tuple) -> list[np.ndarray]:
+        """The batches the network runs on for a read tile (:meth:`read_tile`'s result): what a
+        benchmark times alone as the detector's bare forward."""
+        patches = prepared[1]
+        return [patches[s:s + INFERENCE_BATCH] for s in range(0, len(patches), INFERENCE_BATCH)]
+
+    def bare_forward(self, batch: np.ndarray) -> None:
+        """The network alone on one of :meth:`network_inputs`' batches."""
+        self.scorer.p_atypical(batch)
+
     def finish_tile(self, t: Tile, prepared: tuple, floor: float) -> pd.DataFrame:
         """``x, y, score`` (detector pixels of the whole image) of the figures tile ``t``'s core owns."""
         cands, patches, density, origin = prepared
@@ -187,11 +198,8 @@ class HeatmapDetector(Detector):
         above ``floor`` (never below :data:`PEAK_FLOOR`), best first, each moved to the probability-weighted centre of
         its 3 x 3 cells and given in ``rgb``'s pixels."""
         h, w = rgb.shape[:2]
-        padded = np.pad(rgb, ((0, -h % ALIGN), (0, -w % ALIGN), (0, 0)), mode="symmetric")
-        net = self.ensemble.nets[0]
         with torch.no_grad():
-            batch = build_batch(torch.from_numpy(np.ascontiguousarray(padded[None])), self.ensemble.device, channels_last=True)
-            prob = torch.sigmoid(net(batch)[net.head_name].float())[0, 0]
+            prob = torch.sigmoid(self._logits(self._padded(rgb)))[0, 0]
             ys, xs, score, dx, dy = map(lambda a: a.cpu().numpy(), map_peaks(prob, floor=max(floor, PEAK_FLOOR)))
         x = self.stride * (xs + dx) + (self.stride - 1) / 2
         y = self.stride * (ys + dy) + (self.stride - 1) / 2
@@ -199,6 +207,24 @@ class HeatmapDetector(Detector):
         order = np.argsort(-score[keep], kind="stable")
         return pd.DataFrame({"x": x[keep][order].astype(np.float64), "y": y[keep][order].astype(np.float64),
                              "score": score[keep][order].astype(np.float64)})
+
+    @staticmethod
+    def _padded(rgb: np.ndarray) -> np.ndarray:
+        """(1, H, W, 3): ``rgb`` mirrored out to a multiple of the network's coarsest stride."""
+        h, w = rgb.shape[:2]
+        return np.ascontiguousarray(np.pad(rgb, ((0, -h % ALIGN), (0, -w % ALIGN), (0, 0)), mode="symmetric")[None])
+
+    def _logits(self, padded: np.ndarray) -> torch.Tensor:
+        net = self.ensemble.nets[0]
+        batch = build_batch(torch.from_numpy(padded), self.ensemble.device, channels_last=True)
+        return net(batch)[net.head_name].float()
+
+    def network_inputs(self, prepared: tuple) -> list[np.ndarray]:
+        return [self._padded(prepared[0])]
+
+    def bare_forward(self, batch: np.ndarray) -> None:
+        with torch.no_grad():
+            self._logits(batch)
 
     def read_tile(self, source: Source, t: Tile, size: tuple[int, int]) -> tuple:
         m = self.margin
@@ -273,6 +299,7 @@ def detect_many(
     stop = threading.Event()
 
     def produce() -> None:
+        _yield_to_the_network()
         try:
             for name, open_source, close_after in jobs:
                 if stop.is_set():
@@ -318,6 +345,18 @@ def detect_many(
                 ahead.get_nowait()
             except queue.Empty:
                 worker.join(timeout=0.05)
+
+
+def _yield_to_the_network() -> None:
+    """Lower this (reading) thread's scheduling priority where the OS allows it (Linux: per thread).
+    The network's threads meet at a barrier after each layer, so a reading thread that pre-empts one
+    of them stalls all; at a lower priority it runs in their gaps, and still whenever the network
+    waits for its next tile."""
+    if hasattr(os, "setpriority") and hasattr(threading, "get_native_id"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + 10))
+        except OSError:  # not permitted here: run at the process's priority
+            pass
 
 
 def _put(q: queue.Queue, stop: threading.Event, item: object) -> None:
