@@ -629,3 +629,26 @@ def test_the_analyze_benchmarks_run_on_tiny_slides(tmp_path: Path, models, capsy
     assert len(table) == 9 and (table["label"] == "atypical").sum() == 3
     level0 = np.asarray(Image.open(tmp_path / "mosaic" / "slide_00.tif"))
     assert level0.shape == (3 * 32 + 128, 3 * 32 + 128, 3) and sorted(set(table["x"])) == [64 + 16, 64 + 48, 64 + 80]
+
+
+def test_analyze_with_a_heat_map_detector_equals_detect(slide: Path, models, tmp_path: Path) -> None:
+    """The bundled detector's shape (a tiny, random heat map): analyze reads its tiles with the heat
+    map's context, and its figures are detect's on the same pixels."""
+    from helpers import untrained_model
+    from safetensors.torch import load_file, save_file
+
+    from mitotype.workflows.detect import detect
+
+    heat = untrained_model("detector-heatmap-lite0", ["model.backbone=test_efficientnet", "model.pretrained=none",
+                                                      "data.patch_size=64", "model.input_size=64"], tmp_path / "heat")
+    weights = load_file(str(heat / "model.safetensors"))
+    weights["heads.heatmap.bias"] = weights["heads.heatmap.bias"] * 0  # from the focal loss's prior (p 0.01) to p 0.5: peaks to find
+    save_file(weights, str(heat / "model.safetensors"))
+    _, cls = models
+    wf.clear_model_cache()
+    table = wf.analyze(slide, tmp_path / "out", model=heat, classifier=cls, options=AnalyzeOptions(tissue="none", tile=256),
+                       backend="auto", threshold=0.5, workers=1)
+    ours = pd.read_csv(tmp_path / "out" / "case 1" / "figures.csv")
+    theirs = detect(heat, slide, tmp_path / "detect.csv", classifier=cls, backend="auto", threshold=0.5, tile=256)
+    assert len(ours) > 5 and table.loc[0, "mitotic_count"] == len(ours) and table.loc[0, "error"] == ""
+    pd.testing.assert_frame_equal(ours, theirs.drop(columns=["image"]).reset_index(drop=True), check_dtype=False)
