@@ -210,18 +210,23 @@ def test_the_hotspot_is_the_densest_window_and_says_where_it_is(tmp_path: Path, 
     assert grid == 16 * 4 and read <= 28  # glass tiles are never read
 
 
-def test_analyze_equals_detect_on_the_same_pixels(slide: Path, models, tmp_path: Path) -> None:
-    """Real (tiny, random) networks: analyze's figures are detect's, classified the same, when the mask is all tissue."""
+def analyze_and_detect(slide: Path, det: Path, cls: Path, out: Path, *, threshold: float, backend: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(analyze's summary table, its figures.csv) after checking the figures equal detect's on the same pixels."""
     from mitotype.workflows.detect import detect
 
-    det, cls = models
     wf.clear_model_cache()
-    table = wf.analyze(slide, tmp_path / "out", model=det, classifier=cls, options=AnalyzeOptions(tissue="none", tile=256),
-                       backend="torch", threshold=0.05, workers=1)
-    ours = pd.read_csv(tmp_path / "out" / "case 1" / "figures.csv")
-    theirs = detect(det, slide, tmp_path / "detect.csv", classifier=cls, backend="torch", threshold=0.05, tile=256)
-    assert len(ours) > 20 and table.loc[0, "mitotic_count"] == len(ours)
+    table = wf.analyze(slide, out / "analyze", model=det, classifier=cls, options=AnalyzeOptions(tissue="none", tile=256),
+                       backend=backend, threshold=threshold, workers=1)
+    ours = pd.read_csv(out / "analyze" / "case 1" / "figures.csv")
+    theirs = detect(det, slide, out / "detect.csv", classifier=cls, backend=backend, threshold=threshold, tile=256)
     pd.testing.assert_frame_equal(ours, theirs.drop(columns=["image"]).reset_index(drop=True), check_dtype=False)
+    return table, ours
+
+
+def test_analyze_equals_detect_on_the_same_pixels(slide: Path, models, tmp_path: Path) -> None:
+    """Real (tiny, random) networks: analyze's figures are detect's, classified the same, when the mask is all tissue."""
+    table, ours = analyze_and_detect(slide, *models, tmp_path, threshold=0.05, backend="torch")
+    assert len(ours) > 20 and table.loc[0, "mitotic_count"] == len(ours)
 
 
 def test_the_tissue_mask_otsu_none_a_file_and_a_slide_without_tissue(tmp_path: Path, models, standins, monkeypatch, capsys) -> None:
@@ -637,18 +642,10 @@ def test_analyze_with_a_heat_map_detector_equals_detect(slide: Path, models, tmp
     from helpers import untrained_model
     from safetensors.torch import load_file, save_file
 
-    from mitotype.workflows.detect import detect
-
     heat = untrained_model("detector-heatmap-lite0", ["model.backbone=test_efficientnet", "model.pretrained=none",
                                                       "data.patch_size=64", "model.input_size=64"], tmp_path / "heat")
     weights = load_file(str(heat / "model.safetensors"))
     weights["heads.heatmap.bias"] = weights["heads.heatmap.bias"] * 0  # from the focal loss's prior (p 0.01) to p 0.5: peaks to find
     save_file(weights, str(heat / "model.safetensors"))
-    _, cls = models
-    wf.clear_model_cache()
-    table = wf.analyze(slide, tmp_path / "out", model=heat, classifier=cls, options=AnalyzeOptions(tissue="none", tile=256),
-                       backend="auto", threshold=0.5, workers=1)
-    ours = pd.read_csv(tmp_path / "out" / "case 1" / "figures.csv")
-    theirs = detect(heat, slide, tmp_path / "detect.csv", classifier=cls, backend="auto", threshold=0.5, tile=256)
+    table, ours = analyze_and_detect(slide, heat, models[1], tmp_path, threshold=0.5, backend="auto")
     assert len(ours) > 5 and table.loc[0, "mitotic_count"] == len(ours) and table.loc[0, "error"] == ""
-    pd.testing.assert_frame_equal(ours, theirs.drop(columns=["image"]).reset_index(drop=True), check_dtype=False)
