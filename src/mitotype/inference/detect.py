@@ -113,10 +113,8 @@ class Detector:
         return kept.assign(x=xy[:, 0] + offset[0], y=xy[:, 1] + offset[1])
 
     def score(self, patches: np.ndarray, *, batch_size: int = INFERENCE_BATCH) -> np.ndarray:
-        scores = np.empty(len(patches), dtype=np.float64)
-        for s in range(0, len(patches), batch_size):
-            scores[s:s + batch_size] = self.scorer.p_atypical(patches[s:s + batch_size])
-        return scores
+        return np.concatenate([self.scorer.p_atypical(b) for b in _batches(patches, batch_size)]).astype(np.float64) \
+            if len(patches) else np.empty(0, dtype=np.float64)
 
     def score_candidates(self, rgb: np.ndarray) -> pd.DataFrame:
         """``x, y, od, score`` for every candidate of ``rgb`` (pixels at the detector's mpp)."""
@@ -130,8 +128,7 @@ class Detector:
     def network_inputs(self, prepared: tuple) -> list[np.ndarray]:
         """The batches the network runs on for a read tile (:meth:`read_tile`'s result): what a
         benchmark times alone as the detector's bare forward."""
-        patches = prepared[1]
-        return [patches[s:s + INFERENCE_BATCH] for s in range(0, len(patches), INFERENCE_BATCH)]
+        return _batches(prepared[1], INFERENCE_BATCH)
 
     def bare_forward(self, batch: np.ndarray) -> None:
         """The network alone on one of :meth:`network_inputs`' batches."""
@@ -227,8 +224,7 @@ class HeatmapDetector(Detector):
             self._logits(batch)
 
     def read_tile(self, source: Source, t: Tile, size: tuple[int, int]) -> tuple:
-        m = self.margin
-        box = (max(0, (t.x0 - m) // ALIGN * ALIGN), max(0, (t.y0 - m) // ALIGN * ALIGN), min(size[0], t.x1 + m), min(size[1], t.y1 + m))
+        box = read_box(t, size, margin=self.margin, align=ALIGN)
         return source.region(box, self.mpp), box
 
     def finish_tile(self, t: Tile, prepared: tuple, floor: float) -> pd.DataFrame:
@@ -369,15 +365,26 @@ def _put(q: queue.Queue, stop: threading.Event, item: object) -> None:
             continue
 
 
+def _batches(items: np.ndarray, size: int) -> list[np.ndarray]:
+    return [items[s:s + size] for s in range(0, len(items), size)]
+
+
+def read_box(t: Tile, size: tuple[int, int], *, margin: int, align: int = 1) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): tile ``t`` with ``margin`` px around it, clipped to the image of ``size``,
+    its start rounded down to a multiple of ``align`` (the grid a detector computes on: candidates'
+    density samples, a heat map's coarsest stride), so a tile's grid lines up with the whole image's."""
+    x0, y0 = max(0, t.x0 - margin), max(0, t.y0 - margin)
+    return x0 - x0 % align, y0 - y0 % align, min(size[0], t.x1 + margin), min(size[1], t.y1 + margin)
+
+
 def _prepare_tile(detector: Detector, source: Source, t: Tile, size: tuple[int, int]
                   ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, tuple[int, int]]:
     """One tile read with ``detector.margin`` more on each side (clipped to the image): its
     candidates (in detector pixels of the whole image), their patches, the smoothed density and
     where the read starts."""
-    m, reach = detector.margin, 2 * detector.candidates.nms_um / detector.mpp  # a suppression chain of two links
-    step = grid_step(detector.candidates, detector.mpp)  # reads start on the density's grid, so tiles see the same samples
-    x0, y0 = max(0, t.x0 - m), max(0, t.y0 - m)
-    box = (x0 - x0 % step, y0 - y0 % step, min(size[0], t.x1 + m), min(size[1], t.y1 + m))
+    reach = 2 * detector.candidates.nms_um / detector.mpp  # a suppression chain of two links
+    # reads start on the density's grid, so every tile sees the whole image's samples
+    box = read_box(t, size, margin=detector.margin, align=grid_step(detector.candidates, detector.mpp))
     cx0, cy0, cx1, cy1 = t.core
     within = (cx0 - reach - box[0], cy0 - reach - box[1], cx1 + reach - box[0], cy1 + reach - box[1])
     cands, patches, density = detector.candidate_patches(source.region(box, detector.mpp), within)
