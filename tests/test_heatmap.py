@@ -173,3 +173,14 @@ def test_a_heatmap_card_round_trips_and_bad_settings_are_one_line(tiny_heatmap: 
                            "--out", tmp_path / "d.csv", "--min-score", "0.01")
     assert code == 0, err
     assert list(pd.read_csv(tmp_path / "d.csv").columns) == ["image", "x", "y", "score"]
+
+
+@pytest.mark.parametrize("command", ["crops", "candidates"])
+def test_data_sets_refuse_an_out_that_is_a_file(command: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    img = tmp_path / "a.png"
+    Image.fromarray(scene((128, 128), [(64.0, 64.0)], seed=1)).save(img)
+    (tmp_path / "pts.csv").write_text(f"image,x,y\n{img},64,64\n")
+    (tmp_path / "taken").write_text("not a folder")
+    code, _, err = run_cli(monkeypatch, capsys, "data", command, tmp_path / "pts.csv", tmp_path / "taken")
+    assert code == 2 and "is a file; expected a folder" in err and "Traceback" not in err
+    assert (tmp_path / "taken").read_text() == "not a folder"

@@ -20,7 +20,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage.feature import peak_local_max
 
-from mitotype._io import write_csv, write_json
+from mitotype._io import check_output_dir, write_csv, write_json
 from mitotype.config import CandidateConfig
 from mitotype.data.points import PointTable
 from mitotype.errors import MitotypeError
@@ -147,8 +147,8 @@ def write_candidate_set(points: PointTable, out: Path, *, cfg: CandidateConfig, 
     of 0, e.g. MIDOG's hard negatives read with ``negatives=True``) are always kept, at the candidate
     nearest each. Figures no candidate reached are counted in ``out/summary.json`` (the finder's
     recall), not added: the detector could not find them either."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    out = check_output_dir(Path(out), "out_folder")  # a file there is one line naming OUT
+    if out.is_dir() and any(out.iterdir()):
         raise MitotypeError(f"{out}: the output folder is not empty; choose a new one")
     table = points.table
     rng = np.random.default_rng(seed)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from mitotype._io import write_csv, write_json
+from mitotype._io import check_output_dir, write_csv, write_json
 from mitotype.data.points import PointTable
 from mitotype.errors import MitotypeError
 
@@ -47,8 +47,8 @@ def write_crop_set(points: PointTable, out: Path, *, crop: int = 256, per_figure
     """Windows of ``crop`` px of every image of ``points`` into ``out/crops/`` and their manifest
     ``out/crops.csv`` (see the module's note); counts in ``out/summary.json``. Look-alikes a
     pathologist marked (a ``mitotic`` column of 0) are not figures and never become points."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    out = check_output_dir(Path(out), "out_folder")  # a file there is one line naming OUT
+    if out.is_dir() and any(out.iterdir()):
         raise MitotypeError(f"{out}: the output folder is not empty; choose a new one")
     if not isinstance(crop, int) or not 32 <= crop <= 4096 or crop % 32:
         raise MitotypeError(f"{{size}} {crop}: expected a multiple of 32 in 32..4096 (the network's coarsest stride)", options=("size",))
