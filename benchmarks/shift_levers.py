@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize_scalar
 
+from _oof import paired_bootstrap  # benchmarks/ is on the path when run as a script
 from mitotype._io import write_json, write_csv
 from mitotype.evaluation.metrics import best_threshold, binary_metrics
 
@@ -60,23 +61,6 @@ def per_source(oof: pd.DataFrame, held: list[str]) -> dict[str, dict]:
                      **{k2: {m: v[m] for m in KEYS} for k2, v in at.items()},
                      "ece": ece(y[mine], p[mine]), "temperature_from_other_sources": temp, "ece_after_temperature": ece(y[mine], scaled)}
     return out
-
-
-def paired_bootstrap(base: pd.DataFrame, run: pd.DataFrame, n: int = 2000, seed: int = 0) -> dict[str, float]:
-    """Pooled out-of-fold balanced accuracy of ``run`` minus ``base`` at 0.5, resampling slides."""
-    both = base[["path", "group", "label", "p_atypical"]].merge(run[["path", "p_atypical"]], on="path", suffixes=("_base", "_run"))
-    groups = both["group"].to_numpy()
-    names, index = np.unique(groups, return_inverse=True)
-    rows_of = [np.flatnonzero(index == g) for g in range(len(names))]
-    y, pa, pb = both["label"].to_numpy(), both["p_atypical_base"].to_numpy(), both["p_atypical_run"].to_numpy()
-
-    def diff(rows: np.ndarray) -> float:
-        return binary_metrics(y[rows], pb[rows], 0.5)["balanced_accuracy"] - binary_metrics(y[rows], pa[rows], 0.5)["balanced_accuracy"]
-
-    rng = np.random.default_rng(seed)
-    draws = [diff(np.concatenate([rows_of[g] for g in rng.integers(0, len(names), len(names))])) for _ in range(n)]
-    return {"difference": diff(np.arange(len(y))), "ci95": [float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))],
-            "resamples": n, "unit": "slide"}
 
 
 def read_run(run: Path) -> tuple[pd.DataFrame, dict]:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from mitotype.models.ensemble import Ensemble
@@ -288,3 +289,100 @@ def test_bn_adaptation_subsamples_to_the_asked_atypical_share() -> None:
         rows = subsample(y, share, rng)
         assert len(set(rows)) == len(rows) and abs(y[rows].mean() - share) < 0.01
     assert y[subsample(y, 0.10, rng)].sum() < 30 and (y[subsample(y, 0.22, rng)] == 0).sum() < 170  # the other class dropped
+
+
+def _oof_run(path: Path, p: np.ndarray, *, folds: np.ndarray, held: list[str] | None = None) -> Path:
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    n = len(p)
+    rng = np.random.default_rng(7)
+    frame = pd.DataFrame({"path": [f"img_{i}.png" for i in range(n)], "group": [f"slide_{i % 23}" for i in range(n)],
+                          "domain": np.where(np.arange(n) % 3 == 0, "TUPAC16", "MIDOG21"), "label": rng.permutation(n) % 4 == 0,
+                          "fold": folds, "p_atypical": p})
+    frame["label"] = frame["label"].astype(int)
+    path.mkdir(parents=True)
+    frame.to_csv(path / "oof_predictions.csv", index=False)
+    summary = {"group_by": ["domain"], "per_fold": [{"held_out": h} for h in held]} if held else {}
+    (path / "summary.json").write_text(json.dumps(summary))
+    return path
+
+
+def test_paired_bootstrap_equals_rescoring_each_resample_of_slides() -> None:
+    import numpy as np
+    import pandas as pd
+    from _oof import paired_bootstrap
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(1)
+    n = 300
+    y = (rng.random(n) < 0.3).astype(int)
+    base = pd.DataFrame({"path": np.arange(n), "group": rng.integers(0, 17, n), "label": y, "p_atypical": rng.random(n)})
+    run = base.assign(p_atypical=np.clip(base["p_atypical"] + 0.3 * (2 * y - 1), 0, 1))
+    got = paired_bootstrap(base, run, n=50, seed=3)
+    names, index = np.unique(base["group"], return_inverse=True)
+    draw = np.random.default_rng(3)
+    diffs = []
+    for _ in range(50):  # the slow definition: concatenate the drawn slides' rows, score both
+        rows = np.concatenate([np.flatnonzero(index == g) for g in draw.integers(0, len(names), len(names))])
+        diffs.append(balanced_accuracy_score(y[rows], run["p_atypical"].to_numpy()[rows] >= 0.5)
+                     - balanced_accuracy_score(y[rows], base["p_atypical"].to_numpy()[rows] >= 0.5))
+    assert got["ci95"] == pytest.approx([np.percentile(diffs, 2.5), np.percentile(diffs, 97.5)], abs=1e-12)
+    whole = balanced_accuracy_score(y, run["p_atypical"] >= 0.5) - balanced_accuracy_score(y, base["p_atypical"] >= 0.5)
+    assert got["difference"] == pytest.approx(whole) and got["difference"] > 0.2
+
+
+def test_read_oof_averages_runs_on_the_same_folds_and_refuses_other_folds(tmp_path: Path) -> None:
+    import numpy as np
+    from _oof import read_oof
+
+    folds = np.arange(60) % 3
+    a = _oof_run(tmp_path / "a", np.full(60, 0.2), folds=folds)
+    b = _oof_run(tmp_path / "b", np.linspace(0, 1, 60), folds=folds)
+    mean, _ = read_oof(f"{a}+{b}")
+    assert mean["p_atypical"].to_numpy() == pytest.approx((0.2 + np.linspace(0, 1, 60)) / 2)
+    other = _oof_run(tmp_path / "c", np.full(60, 0.2), folds=(folds + 1) % 3)
+    with pytest.raises(SystemExit, match="other folds"):
+        read_oof(f"{a}+{other}")
+
+
+def test_lever_rule_wins_only_with_both_intervals_above_zero_and_no_source_losing(tmp_path: Path) -> None:
+    import numpy as np
+    from lever_rule import main as lever_rule
+
+    n, held = 400, ["A", "B"]
+    folds = np.arange(n) % 2
+    label = _oof_run(tmp_path / "probe", np.zeros(n), folds=folds)
+    import pandas as pd
+
+    y = pd.read_csv(label / "oof_predictions.csv")["label"].to_numpy()
+    noisy = np.where(np.arange(n) % 3 == 0, 1 - y, y) * 0.8 + 0.1  # a third wrong
+    better = np.where(np.arange(n) % 10 == 0, 1 - y, y) * 0.8 + 0.1  # a tenth wrong
+    base = _oof_run(tmp_path / "base", noisy, folds=folds, held=held)
+    run = _oof_run(tmp_path / "run", better, folds=folds, held=held)
+    cv_base = _oof_run(tmp_path / "cv_base", noisy, folds=folds)
+    cv_run = _oof_run(tmp_path / "cv_run", better, folds=folds)
+    got = lever_rule(["--loso", str(run), "--loso-base", str(base), "--cv", str(cv_run), "--cv-base", str(cv_base), "--out", str(tmp_path / "o")])
+    assert got["verdict"]["wins"] and set(got["loso"]["parts"]) == {"A", "B"} and set(got["cv"]["parts"]) == {"MIDOG21", "TUPAC16"}
+    assert (tmp_path / "o" / "summary.json").is_file()
+    only_a = np.where(folds == 0, better, noisy * 0.9 + 0.05 * (1 - y))  # better on A, a little worse on B
+    worse_b = _oof_run(tmp_path / "worse_b", np.where((folds == 1) & (np.arange(n) % 5 == 1), 1 - y, only_a), folds=folds, held=held)
+    got = lever_rule(["--loso", str(worse_b), "--loso-base", str(base), "--out", str(tmp_path / "o2")])
+    assert not got["verdict"]["wins"] and "5-fold half not run" in got["verdict"]["why_not"]
+    assert any(w.startswith("a held-out source loses") for w in got["verdict"]["why_not"])
+
+
+def test_weight_storage_rounds_each_output_channel_to_its_own_int8_grid() -> None:
+    import torch
+    from weight_storage import int8_per_channel
+
+    w = torch.tensor([[1.0, -0.5, 0.26], [100.0, 3.0, -50.0]])
+    q = int8_per_channel(w)
+    scales = torch.tensor([1.0, 100.0]) / 127
+    assert torch.all((q - w).abs() <= scales[:, None] / 2 + 1e-6) and q[0, 0] == 1.0 and q[1, 0] == 100.0
+    assert torch.allclose(q / scales[:, None], torch.round(q / scales[:, None]), atol=1e-4)  # on the grid
+    assert q[0, 2] != w[0, 2]  # a small weight of a channel is rounded on that channel's coarse grid
+    bias = torch.tensor([0.123456, -7.0])
+    assert int8_per_channel(bias) is bias
