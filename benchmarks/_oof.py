@@ -25,7 +25,13 @@ def read_oof(spec: str) -> tuple[pd.DataFrame, dict]:
         run = Path(part)
         if not (run / "oof_predictions.csv").is_file():
             raise SystemExit(f"{run}: no oof_predictions.csv (not a finished cv run)")
-        frames.append(pd.read_csv(run / "oof_predictions.csv"))
+        frame = pd.read_csv(run / "oof_predictions.csv")
+        if "p_atypical" not in frame:
+            raise SystemExit(f"{run / 'oof_predictions.csv'}: no p_atypical column")
+        bad = frame.index[~frame["p_atypical"].between(0, 1)]  # NaN is not between
+        if len(bad):
+            raise SystemExit(f"{run / 'oof_predictions.csv'}: row {bad[0] + 2}: p_atypical {frame['p_atypical'][bad[0]]} is not in [0, 1]")
+        frames.append(frame)
         summaries.append(json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {})
     first = frames[0]
     out = first[[c for c in KEEP if c in first.columns]].copy()

@@ -21,7 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from _oof import paired_bootstrap, read_oof  # benchmarks/ is on the path when run as a script
-from mitotype._io import write_csv, write_json
+from mitotype._io import check_output_dir, write_csv, write_json
+from mitotype.errors import MitotypeError
 from mitotype.evaluation.metrics import binary_metrics
 
 KEYS = ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")
@@ -101,6 +102,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if (args.cv is None) != (args.cv_base is None):
         ap.error("--cv and --cv-base go together")
+    try:
+        check_output_dir(args.out, "--out")
+    except MitotypeError as err:
+        ap.error(str(err))
     loso = half(args.loso, args.loso_base, args.threshold)
     cv = half(args.cv, args.cv_base, args.threshold) if args.cv else None
     result = {"loso": {k: v for k, v in loso.items() if k != "oof"}, "verdict": verdict(loso, cv)}

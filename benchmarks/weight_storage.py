@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from _patches import DEFAULT_DATA, decoded_rows  # benchmarks/ is on the path when run as a script
-from mitotype._io import write_json
+from mitotype._io import check_output_dir, write_json
 from mitotype.config import load_config
+from mitotype.errors import MitotypeError
 from mitotype.models.ensemble import Ensemble
 
 
@@ -38,11 +39,10 @@ def half(t: torch.Tensor) -> torch.Tensor:
     return t.half().float() if t.is_floating_point() else t
 
 
-def scores(model: Path, images: np.ndarray, cast=None) -> np.ndarray:
-    ensemble = Ensemble.load(model)
-    if cast is not None:
-        for net in ensemble.nets:
-            net.load_state_dict({k: cast(v) for k, v in net.state_dict().items()})
+def stored_as(ensemble: Ensemble, full: list[dict[str, torch.Tensor]], cast, images: np.ndarray) -> np.ndarray:
+    """p_atypical with every member's float32 weights ``full`` passed through ``cast``."""
+    for net, state in zip(ensemble.nets, full):
+        net.load_state_dict({k: cast(v) for k, v in state.items()})
     return ensemble.p_atypical(images)
 
 
@@ -53,14 +53,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n", type=int, default=480)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    try:
+        check_output_dir(args.out, "--out")
+    except MitotypeError as err:
+        ap.error(str(err))
     _, store, where = decoded_rows(args.data, load_config(), args.n)
     images = store.batch(np.arange(len(store)))
     result: dict = {"patches": where, "models": {}}
     for model in args.models:
-        full = scores(model, images)
+        ensemble = Ensemble.load(model)  # loaded once; each storage is a cast of the same float32 weights
+        weights = [{k: v.clone() for k, v in net.state_dict().items()} for net in ensemble.nets]
+        full = ensemble.p_atypical(images)
         row = {}
         for name, cast in (("float16", half), ("int8_per_channel", int8_per_channel)):
-            p = scores(model, images, cast)
+            p = stored_as(ensemble, weights, cast, images)
             row[name] = {"max_abs_dp": float(np.abs(p - full).max()), "mean_abs_dp": float(np.abs(p - full).mean()),
                          "flips_at_0.5": int(((p >= 0.5) != (full >= 0.5)).sum())}
             print(f"{model}: {name:17s} max |dp| {row[name]['max_abs_dp']:.4f}  mean {row[name]['mean_abs_dp']:.4f}  "

@@ -386,3 +386,13 @@ def test_weight_storage_rounds_each_output_channel_to_its_own_int8_grid() -> Non
     assert q[0, 2] != w[0, 2]  # a small weight of a channel is rounded on that channel's coarse grid
     bias = torch.tensor([0.123456, -7.0])
     assert int8_per_channel(bias) is bias
+
+
+def test_read_oof_refuses_a_nan_score_naming_the_file_and_row(tmp_path: Path) -> None:
+    from _oof import read_oof
+
+    p = np.linspace(0, 1, 30)
+    p[4] = np.nan
+    run = _oof_run(tmp_path / "nan", p, folds=np.arange(30) % 3)
+    with pytest.raises(SystemExit, match=r"nan/oof_predictions.csv: row 6: p_atypical nan is not in \[0, 1\]"):
+        read_oof(str(run))
